@@ -1,0 +1,1 @@
+"""fastsam benchmarks (installed as ``fastsam.bench``): kernel and end-to-end timings, baselines."""

@@ -1,0 +1,3 @@
+from fastsam.cli import main
+
+raise SystemExit(main())

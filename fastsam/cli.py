@@ -1,0 +1,30 @@
+"""The ``fastsam`` command line (also ``python -m fastsam``).
+
+    fastsam info     versions, devices, available backends and why others are not
+    fastsam train    the built-in main job: SGD vs SAM vs ASAM on noisy digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="fastsam", description="Sharpness-Aware Minimization with fused kernels")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("info", help="versions, devices and available backends")
+    from fastsam import train
+
+    train.build_parser(sub.add_parser("train", help="train SGD/SAM/ASAM on noisy digits (built-in data)",
+                                      description=train.__doc__))
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from fastsam import info
+
+        return info.main()
+    if args.command == "train":
+        return train.main(argv[1:])
+    parser.print_help()
+    return 2

@@ -1,0 +1,41 @@
+"""fastsam's op layer: one schema per op, one implementation per backend.
+
+Ops (each in its own file, same name as its kernel in ``kernels/`` and ``csrc/``):
+
+=========================  ====================================================================
+``grad_norm``              global norm: plain ``||g||``, adaptive ``||(|w|+eta) g||``, Fisher
+``perturb_``               ``backup = w; w += rho * d / (norm + eps)`` (optionally SWP-masked)
+``restore_``               ``w = backup`` in place
+``restore_sgd_step_``      ``w = backup`` fused with a ``torch.optim.SGD`` step
+``restore_adamw_step_``    ``w = backup`` fused with a ``torch.optim.AdamW`` step
+=========================  ====================================================================
+
+Every op accepts lists of tensors, splits them into (device, dtype) buckets and runs a constant
+number of launches per bucket, whatever the number of tensors. Results stay on the device.
+See ``_dispatch.py`` for how a backend is chosen.
+"""
+
+from ._dispatch import (
+    BACKENDS,
+    ENV_VAR,
+    BackendUnavailableError,
+    auto_order,
+    backend_status,
+    check_backend,
+    implementations,
+    register,
+    resolve,
+    set_auto_order,
+    supports,
+)
+from .grad_norm import MODES, grad_norm, grad_sq_norm
+from .perturb import perturb_
+from .restore import restore_
+from .restore_adamw_step import restore_adamw_step_
+from .restore_sgd_step import restore_sgd_step_
+
+__all__ = [
+    "BACKENDS", "ENV_VAR", "MODES", "BackendUnavailableError", "auto_order", "backend_status", "check_backend",
+    "implementations", "register", "resolve", "set_auto_order", "supports",
+    "grad_norm", "grad_sq_norm", "perturb_", "restore_", "restore_sgd_step_", "restore_adamw_step_",
+]

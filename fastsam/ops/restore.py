@@ -1,0 +1,33 @@
+"""Restore the weights saved by :func:`fastsam.ops.perturb_`: ``w = backup``, in place.
+
+The copy goes into the parameters' own storage (never ``p.data = backup``), so optimizer state,
+``torch.compile`` guards and captured CUDA graphs keep pointing at the same memory.
+
+Backend contract (``register("restore", backend)``): ``fn(params, backups) -> None`` on one bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import group_by_device_dtype, register, resolve
+
+
+def restore_(params: list[torch.Tensor], backups: list[torch.Tensor], *, backend: str | None = "auto") -> None:
+    """``params[i].copy_(backups[i])`` for every i, a constant number of launches per bucket."""
+    params, backups = list(params), list(backups)
+    if len(params) != len(backups):
+        raise ValueError("params and backups must have the same length")
+    for p, b in zip(params, backups):
+        if p.shape != b.shape or p.dtype != b.dtype or p.device != b.device:
+            raise ValueError(f"backup {tuple(b.shape)}/{b.dtype}/{b.device} does not match "
+                             f"param {tuple(p.shape)}/{p.dtype}/{p.device}")
+    for (device, dtype), idx in group_by_device_dtype(params).items():
+        _, fn = resolve("restore", backend, device, dtype)
+        fn([params[i] for i in idx], [backups[i] for i in idx])
+
+
+@register("restore", "torch")
+def restore_torch(params, backups) -> None:
+    if params:
+        torch._foreach_copy_(params, backups)

@@ -1,0 +1,7 @@
+"""fastsam's optimizer layer: composes the ops, knows nothing about backends."""
+
+from .asam import ASAM
+from .fisher_sam import FisherSAM
+from .sam import SAM
+
+__all__ = ["SAM", "ASAM", "FisherSAM"]

@@ -1,0 +1,341 @@
+"""SAM: Sharpness-Aware Minimization (Foret et al., "Sharpness-Aware Minimization for Efficiently
+Improving Generalization", ICLR 2021), the drop-in optimizer every other fastsam optimizer builds on.
+
+One SAM step, with ``g`` the gradient at ``w`` over all parameters of the optimizer:
+
+    e  = rho * g / (||g|| + eps)                 (first_step: norm, backup, w += e)
+    g' = grad L(w + e)                           (the caller's second forward/backward)
+    w  = backup; base optimizer step with g'     (second_step)
+
+``adaptive=True`` is ASAM's scale-invariant version (Kwon et al., ICML 2021): with ``T = |w| + eta``,
+``e = rho * T^2 g / (||T g|| + eps)``.
+
+The arithmetic runs in fastsam's fused ops (``fastsam.ops``); this class only decides what to
+run. No host synchronisation happens inside a step: the norm, the scale and the non-finite flag
+stay on the device, and weights are restored by an in-place copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from fastsam import ops
+from fastsam.ops.grad_norm import check_mode
+
+from .base_step import fused_base_step_for
+
+
+@dataclass
+class _Bucket:
+    """Parameters that share one device, one dtype and the same perturbation hyper-parameters."""
+
+    device: torch.device
+    dtype: torch.dtype
+    mode: str
+    rho: float
+    eta: float
+    params: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+
+
+def _check_nonneg(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+class SAM(torch.optim.Optimizer):
+    r"""Sharpness-Aware Minimization around any base optimizer (drop-in for the common PyTorch SAM).
+
+    Args:
+        params: parameters or param groups, as for any optimizer. Groups may set their own
+            ``rho``, ``adaptive`` and ``eta`` besides the base optimizer's options.
+        base_optimizer: the optimizer *class* (e.g. ``torch.optim.SGD``), instantiated over the same
+            param groups with ``**kwargs``, or an already built optimizer over the same parameters.
+        rho: neighbourhood radius (``>= 0``).
+        adaptive: ASAM's adaptive perturbation, ``T = |w| + eta``.
+        eta: ASAM's offset in ``T`` (0 reproduces the widely used SAM class's ``adaptive=True``).
+        perturb_eps: ``eps`` in ``rho / (norm + eps)``.
+        backend: ``"auto"`` (default; ``FASTSAM_BACKEND`` may override it), ``"torch"``, ``"triton"``
+            or ``"cuda"``. An explicit backend that cannot run raises with the reason.
+        **kwargs: options of the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
+
+    Use either the two-call form::
+
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    or ``loss = opt.step(closure)`` after the first backward, where ``closure`` runs the second
+    forward/backward and returns the loss (weights are restored if it raises).
+
+    After ``first_step``, ``grad_norm`` holds the (device) norm used and ``perturbation_skipped`` a
+    device bool that is True when the gradient was not finite and the weights were left as they were.
+    ``state_dict()`` carries the base optimizer's state (momentum, Adam moments).
+    """
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
+                 eta: float = 0.0, perturb_eps: float = 1e-12, backend: str | None = "auto", **kwargs):
+        _check_nonneg("rho", rho)
+        _check_nonneg("eta", eta)
+        _check_nonneg("perturb_eps", perturb_eps)
+        self._sam_defaults = dict(rho=float(rho), adaptive=bool(adaptive), eta=float(eta))
+        base_is_instance = isinstance(base_optimizer, torch.optim.Optimizer)
+        if base_is_instance and kwargs:
+            raise TypeError(f"base_optimizer is an optimizer instance, so options {sorted(kwargs)} cannot be "
+                            f"applied to it; pass them when building it (or pass its class)")
+        if not base_is_instance and not (isinstance(base_optimizer, type)
+                                         and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer class or instance, got {base_optimizer!r}")
+        self.backend = ops.check_backend(backend)
+        self.perturb_eps = float(perturb_eps)
+        super().__init__(params, dict(self._sam_defaults, **kwargs))
+        for group in self.param_groups:
+            self._check_group(group)
+
+        if base_is_instance:
+            mine = {id(p) for g in self.param_groups for p in g["params"]}
+            theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+            if mine != theirs:
+                raise ValueError("base_optimizer was built over different parameters than the ones given to SAM")
+            for group in base_optimizer.param_groups:
+                for k, v in self._sam_defaults.items():
+                    group.setdefault(k, v)
+                self._check_group(group)
+            self.base_optimizer = base_optimizer
+        else:
+            self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        # One set of param groups and one state for both optimizers: LR schedulers and
+        # state_dict() see the base optimizer's hyper-parameters and momentum/moments.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        self._fused_base = fused_base_step_for(self.base_optimizer)
+        self._backups: dict = {}
+        self._perturbed: dict | None = None
+        self.grad_norm: torch.Tensor | None = None
+        self.perturbation_skipped: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def _norm_mode(self, group) -> str:
+        """Which norm/perturbation geometry a group uses: plain, adaptive (ASAM) or fisher."""
+        return "adaptive" if group["adaptive"] else "plain"
+
+    def _swp_args(self, bucket: _Bucket, offset: int) -> tuple[float, int, int]:
+        """(beta, seed, counter offset) for stochastic weight perturbation; SAM perturbs everything."""
+        return 1.0, 0, offset
+
+    def _reduce_sq_norm(self, sq_norm: torch.Tensor) -> torch.Tensor:
+        """Combine the local squared norm across processes (identity unless distributed)."""
+        return sq_norm
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_group(self, group) -> None:
+        _check_nonneg("rho", group.get("rho"))
+        _check_nonneg("eta", group.get("eta"))
+        check_mode(self._norm_mode(group), group["eta"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # during torch.optim.Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        for k, v in self._sam_defaults.items():
+            param_group.setdefault(k, v)
+        self._check_group(param_group)
+        base.add_param_group(param_group)  # appends to the shared list of groups
+
+    # ------------------------------------------------------------------ the two steps
+
+    def _perturbation_buckets(self) -> list[_Bucket]:
+        """Group parameters with gradients; validates everything before anything is modified."""
+        buckets: dict[tuple, _Bucket] = {}
+        for group in self.param_groups:
+            self._check_group(group)
+            mode, rho, eta = self._norm_mode(group), float(group["rho"]), float(group["eta"])
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                       f"(parameter of shape {tuple(p.shape)})")
+                key = (p.device, p.dtype, mode, rho, eta)
+                b = buckets.get(key)
+                if b is None:
+                    b = buckets[key] = _Bucket(p.device, p.dtype, mode, rho, eta)
+                b.params.append(p)
+                b.grads.append(g)
+        return list(buckets.values())
+
+    def _backup_for(self, p: torch.Tensor) -> torch.Tensor:
+        b = self._backups.get(p)
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+            b = self._backups[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return b
+
+    def _global_norm(self, buckets: list[_Bucket]) -> torch.Tensor:
+        total = None
+        for b in buckets:
+            _, fn = ops.resolve("grad_norm", self.backend, b.device, b.dtype)
+            part = fn(b.grads, b.params, b.mode, b.eta)
+            total = part if total is None else total + part.to(total.device, non_blocking=True)
+        return self._reduce_sq_norm(total).sqrt()
+
+    def _perturb(self, buckets: list[_Bucket], norm: torch.Tensor) -> None:
+        perturbed: dict = {}
+        offset = 0
+        for b in buckets:
+            backups = [self._backup_for(p) for p in b.params]
+            beta, seed, start = self._swp_args(b, offset)
+            _, fn = ops.resolve("perturb", self.backend, b.device, b.dtype)
+            fn(b.params, b.grads, backups, norm.to(b.device, non_blocking=True), b.rho, b.mode, b.eta,
+               self.perturb_eps, beta, seed, start)
+            offset += sum(p.numel() for p in b.params)
+            perturbed.update(zip(b.params, backups))
+        self._perturbed = perturbed
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Compute the global norm, back the weights up and move them to ``w + e``."""
+        if self._perturbed is not None:
+            raise RuntimeError(f"{type(self).__name__}.first_step() was called twice without second_step(); "
+                               "call second_step() (or restore()) before perturbing again")
+        buckets = self._perturbation_buckets()
+        if not buckets:  # no gradients at all: nothing to perturb, second_step is a plain base step
+            self._perturbed = {}
+            self.grad_norm = self.perturbation_skipped = None
+        else:
+            norm = self._global_norm(buckets)
+            self.grad_norm = norm
+            self.perturbation_skipped = ~torch.isfinite(norm)
+            self._perturb(buckets, norm)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self) -> bool:
+        """Undo ``first_step``'s perturbation without stepping. Returns whether anything was restored."""
+        perturbed = self._perturbed
+        if perturbed is None:
+            return False
+        self._perturbed = None
+        buckets: dict[tuple, tuple[list, list]] = {}
+        for p, b in perturbed.items():
+            ps, bs = buckets.setdefault((p.device, p.dtype), ([], []))
+            ps.append(p)
+            bs.append(b)
+        for (device, dtype), (ps, bs) in buckets.items():
+            _, fn = ops.resolve("restore", self.backend, device, dtype)
+            fn(ps, bs)
+        return True
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore the weights and take the base optimizer's step with the perturbed-point gradient."""
+        if self._perturbed is None:
+            raise RuntimeError(f"{type(self).__name__}.second_step() called without a preceding first_step(): "
+                               "the weights are not perturbed, so there is nothing to restore")
+        if self._fused_base is None:
+            self.restore()
+            self.base_optimizer.step()
+        else:
+            self._fused_second_step()
+        self._perturbed = None
+        self._mark_stepped()
+        if zero_grad:
+            self.zero_grad()
+
+    def _fused_second_step(self) -> None:
+        perturbed = self._perturbed
+        plan = []
+        restore_only = dict(perturbed)
+        for group in self.param_groups:
+            buckets: dict[tuple, tuple[list, list, list]] = {}
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    self.restore()
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                       f"(parameter of shape {tuple(p.shape)}); the weights were restored")
+                backup = restore_only.pop(p, p)  # a parameter that was not perturbed is its own backup
+                ps, gs, bs = buckets.setdefault((p.device, p.dtype), ([], [], []))
+                ps.append(p)
+                gs.append(g)
+                bs.append(backup)
+            plan.extend((group, ps, gs, bs) for ps, gs, bs in buckets.values())
+        if restore_only:
+            self._perturbed = restore_only
+            self.restore()
+        grad_scale, found_inf = self._amp_scale_args()
+        for group, ps, gs, bs in plan:
+            self._fused_base.step_bucket(self, group, ps, gs, bs, self.backend, grad_scale, found_inf)
+
+    def _amp_scale_args(self):
+        """(grad_scale, found_inf) device tensors for the fused base step, when a GradScaler set them."""
+        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+
+    def _mark_stepped(self) -> None:
+        # LR schedulers warn when optimizer.step() was never called; the two-call form counts as a step.
+        self._opt_called = True
+        self.base_optimizer._opt_called = True
+
+    def step(self, closure=None):
+        """``first_step``, ``closure()`` (second forward/backward, returns the loss), ``second_step``.
+
+        Gradients at ``w`` must already be in ``.grad``. Returns the closure's loss. If the closure
+        raises, the weights are restored before the exception propagates.
+        """
+        if closure is None:
+            raise RuntimeError(f"{type(self).__name__}.step() needs a closure that recomputes the loss and its "
+                               "gradients at the perturbed weights (or call first_step() and second_step())")
+        closure = torch.enable_grad()(closure)
+        self.first_step(zero_grad=True)
+        try:
+            loss = closure()
+        except BaseException:
+            self.restore()
+            raise
+        self.second_step()
+        return loss
+
+    # ------------------------------------------------------------------ state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self._perturbed is not None:
+            raise RuntimeError("load_state_dict() between first_step() and second_step(): the weights are "
+                               "perturbed; call second_step() or restore() first")
+        super().load_state_dict(state_dict)
+        self.base_optimizer.state = self.state
+        self.base_optimizer.param_groups = self.param_groups
+        for group in self.param_groups:
+            self._check_group(group)
+        self._fused_base = fused_base_step_for(self.base_optimizer)
+
+    # Attributes that pickling/deepcopy must carry besides torch's (defaults, state, param_groups).
+    _PICKLED = ("base_optimizer", "backend", "perturb_eps", "_sam_defaults", "_perturbed", "grad_norm",
+                "perturbation_skipped")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._PICKLED if k in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._backups = {p: b for p, b in (self.__dict__.get("_perturbed") or {}).items()}
+        if "base_optimizer" in self.__dict__:
+            self.base_optimizer.state = self.state
+            self.base_optimizer.param_groups = self.param_groups
+            self._fused_base = fused_base_step_for(self.base_optimizer)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, backend={self.backend!r}, " \
+               f"groups={len(self.param_groups)})"

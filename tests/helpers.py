@@ -1,0 +1,65 @@
+"""Shared test helpers: devices, backends, dtypes, tolerances, random tensor lists."""
+
+from __future__ import annotations
+
+import torch
+
+from fastsam import ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (rtol, atol) for results stored in each dtype, compared with an fp64 reference rounded to it.
+TOL = {
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (1.6e-2, 1e-3),
+    torch.float16: (2e-3, 1e-4),
+    torch.float64: (1e-10, 1e-12),
+}
+
+ODD_SIZES = [1, 4097, 278011]
+
+
+def backends_for(op: str, device: str, dtype: torch.dtype) -> list[str]:
+    """Every backend that can run ``op`` here: torch always, Triton/CUDA where they can."""
+    dev = torch.device(device)
+    return [b for b in ops.BACKENDS if ops.supports(b, op, dev, dtype)[0]]
+
+
+def backend_cases(op: str, dtypes=DTYPES):
+    """pytest params (device, backend, dtype) for an op."""
+    import pytest
+
+    cases = []
+    for device in DEVICES:
+        for dtype in dtypes:
+            for backend in backends_for(op, device, dtype):
+                cases.append(pytest.param(device, backend, dtype, id=f"{device}-{backend}-{str(dtype)[6:]}"))
+    return cases
+
+
+def many_shapes(gen: torch.Generator, n: int = 40) -> list[tuple[int, ...]]:
+    """A mix of ranks and awkward sizes, like a real network's parameter list."""
+    shapes = []
+    for _ in range(n):
+        rank = int(torch.randint(1, 5, (1,), generator=gen))
+        dims = torch.randint(1, 13, (rank,), generator=gen).tolist()
+        shapes.append(tuple(dims))
+    return shapes
+
+
+def shape_sets(gen: torch.Generator):
+    """Single odd-sized tensors and one list of many tensors."""
+    return [[(n,)] for n in ODD_SIZES] + [many_shapes(gen)]
+
+
+def randn_list(shapes, dtype, device, gen, scale=1.0):
+    return [(torch.randn(s, generator=gen) * scale).to(device=device, dtype=dtype) for s in shapes]
+
+
+def assert_close_dtype(actual: torch.Tensor, expected_fp64: torch.Tensor, dtype: torch.dtype, msg: str = "",
+                       factor: float = 1.0):
+    """``actual`` (stored in dtype) against an fp64 reference rounded to dtype, per-dtype tolerance."""
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected_fp64.to(dtype).double().cpu(),
+                               rtol=rtol * factor, atol=atol * factor, msg=msg or None)
