@@ -8,6 +8,8 @@ Ops (each in its own file, same name as its kernel in ``kernels/`` and ``csrc/``
 ``restore_``               ``w = backup`` in place
 ``restore_sgd_step_``      ``w = backup`` fused with a ``torch.optim.SGD`` step
 ``restore_adamw_step_``    ``w = backup`` fused with a ``torch.optim.AdamW`` step
+``sds_select``             ESAM's data selection: indices of the k sharpest samples
+``sds_weights``            its soft variant: softmax of the per-sample sharpness
 =========================  ====================================================================
 
 Every op accepts lists of tensors, splits them into (device, dtype) buckets and runs a constant
@@ -33,9 +35,11 @@ from .perturb import perturb_
 from .restore import restore_
 from .restore_adamw_step import restore_adamw_step_
 from .restore_sgd_step import restore_sgd_step_
+from .sds_select import sds_k, sds_select, sds_weights
 
 __all__ = [
     "BACKENDS", "ENV_VAR", "MODES", "BackendUnavailableError", "auto_order", "backend_status", "check_backend",
     "implementations", "register", "resolve", "set_auto_order", "supports",
     "grad_norm", "grad_sq_norm", "perturb_", "restore_", "restore_sgd_step_", "restore_adamw_step_",
+    "sds_k", "sds_select", "sds_weights",
 ]
