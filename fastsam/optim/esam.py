@@ -126,6 +126,16 @@ class ESAM(SAM):
     no-grad forward at ``w + e`` (``l_after``, skipped when ``k == B``); forward/backward on the
     ``k`` selected samples; restore and base step. ``beta = gamma = 1`` is exactly SAM. The
     two-call form ``first_step()``/``second_step()`` remains available and gives SWP without SDS.
+
+    [note: two closure contracts] :meth:`SAM.step`'s closure runs only the second
+    forward/backward, after the caller's first one. ``ESAM.step`` (like ``MSAM.step``) owns the
+    whole step, so its closure computes losses and nothing else; a SAM-style closure returning a
+    scalar is rejected with a clear error before any gradient is touched.
+
+    Under DDP, ``swp="tensor"`` with ``dp_perturbation="global"`` needs
+    ``DistributedDataParallel(..., find_unused_parameters=True)`` (unselected tensors get no
+    gradient in the synchronised first backward) and the same ``seed`` on every rank; with
+    ``"local"`` the first backward is not synchronised and neither is needed.
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, beta: float = 0.5, gamma: float = 0.5,
