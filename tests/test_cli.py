@@ -38,10 +38,10 @@ def test_train_prints_accuracy_and_time_per_optimizer():
 
 
 def test_train_runs_the_closure_driven_optimizers():
-    out = run("train", "--epochs", "2", "--optimizers", "sgd,esam,msam")
+    out = run("train", "--epochs", "1", "--optimizers", "esam,msam")
     assert out.returncode == 0, out.stderr
-    rows = [l.split() for l in out.stdout.splitlines() if l.split() and l.split()[0] in ("sgd", "esam", "msam")]
-    assert [r[0] for r in rows] == ["sgd", "esam", "msam"]
+    rows = [l.split() for l in out.stdout.splitlines() if l.split() and l.split()[0] in ("esam", "msam")]
+    assert [r[0] for r in rows] == ["esam", "msam"]
     assert all(0.3 < float(r[1]) <= 1.0 for r in rows)
 
 
