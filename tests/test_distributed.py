@@ -4,7 +4,8 @@
 * local SAM (first pass under no_sync)         == one-process mSAM with one shard per rank
 * local MSAM, 2 shards per rank                == one-process mSAM with 4 shards
 * global MSAM, 2 shards per rank               == one-process mSAM whose shard k is every rank's shard k
-* local ESAM (per-rank SWP and SDS)            == a per-rank ESAM reference written here, averaged
+* local / global ESAM (per-rank SDS)          == an ESAM reference written here (per-rank or averaged
+                                                 first-pass gradient), ranks' selections averaged
 
 All scenarios run in one spawn of two processes (start-up dominates the cost).
 """
@@ -32,7 +33,7 @@ LOCAL_BATCH = 16
 STEPS = 6
 KW = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 ESAM_KW = dict(rho=0.1, beta=0.5, gamma=0.5, seed=77)
-SCENARIOS = ("sam-global", "sam-local", "msam-local", "msam-global", "esam-local")
+SCENARIOS = ("sam-global", "sam-local", "msam-local", "msam-global", "esam-local", "esam-global")
 
 
 def make_model():
@@ -137,8 +138,13 @@ def one_process_msam(m, interleave=False):
     return list(model.parameters())
 
 
-def reference_local_esam():
-    """Each rank: its own gradient, its own SWP-masked perturbation and SDS; the update averages the ranks."""
+def rank_slice(x, r):
+    return x[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH]
+
+
+def reference_esam(local):
+    """Each rank: its own (local) or the averaged (global) first-pass gradient for the SWP-masked
+    perturbation, its own SDS; the update averages the ranks' perturbed-point gradients."""
     model = make_model()
     params = list(model.parameters())
     base = torch.optim.SGD(params, foreach=False, **KW)
@@ -146,9 +152,12 @@ def reference_local_esam():
     for t, (x, y) in enumerate(global_batches()):
         key = step_key(ESAM_KW["seed"], t)
         total = [torch.zeros_like(p) for p in params]
+        first = [torch.autograd.grad(F.cross_entropy(model(rank_slice(x, r)), rank_slice(y, r)), params)
+                 for r in range(WORLD)]
+        if not local:
+            first = [[sum(gs) / WORLD for gs in zip(*first)]] * WORLD
         for r in range(WORLD):
-            xr, yr = x[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH], y[r * LOCAL_BATCH:(r + 1) * LOCAL_BATCH]
-            grads = torch.autograd.grad(F.cross_entropy(model(xr), yr, reduction="none").mean(), params)
+            xr, yr, grads = rank_slice(x, r), rank_slice(y, r), first[r]
             with torch.no_grad():
                 before = F.cross_entropy(model(xr), yr, reduction="none")
                 norm = torch.stack([(g * g).sum() for g in grads]).sum().sqrt()
@@ -200,8 +209,9 @@ def test_global_msam_averages_each_shard_across_ranks(rank_results):
     assert_close(rank_results[0]["msam-global"], one_process_msam(2, interleave=True))
 
 
-def test_local_esam_equals_the_per_rank_reference(rank_results):
-    assert_close(rank_results[0]["esam-local"], reference_local_esam())
+@pytest.mark.parametrize("mode", ["local", "global"])
+def test_esam_equals_the_reference(rank_results, mode):
+    assert_close(rank_results[0][f"esam-{mode}"], reference_esam(local=mode == "local"))
 
 
 def test_helpers_are_no_ops_without_ddp():

@@ -50,8 +50,8 @@ class MSAM(SAM):
         params, base_optimizer, rho, adaptive, **base_kwargs: as for :class:`fastsam.SAM`.
         micro_batches: number of shards ``m`` (an int >= 1); it must divide every batch size.
         model: the module the closure runs (may be DDP-wrapped). When given, BatchNorm running
-            statistics are updated once per step, by the first shard's first pass (as SAM and DDP
-            do: DDP broadcasts rank 0's buffers). Under DDP the perturbed-point backwards
+            statistics are updated once per step, by the first shard's first pass (see the note
+            below). Under DDP the perturbed-point backwards
             accumulate locally and all-reduce once, at the last shard; the first-pass backwards
             all-reduce under ``dp_perturbation="global"`` (each shard then perturbs with the
             gradient of that shard across all ranks) and not under ``"local"`` (one all-reduce per
@@ -62,6 +62,16 @@ class MSAM(SAM):
     of the optimizer's first parameter) or of the whole batch when ``indices`` is None; the
     optimizer calls ``backward`` itself. ``batch_size`` may be omitted when ``micro_batches == 1``.
     Returns the mean first-pass loss over the batch (on the device).
+
+    [note: why MSAM.step takes batch_size] The very first closure call already asks for a shard,
+    before any returned loss could tell the optimizer how large the batch is (ESAM learns it from
+    its first, full-batch pass), so the caller states it. The shard index tensors are built once
+    per batch size and reused, so a step allocates and copies nothing for them.
+
+    [note: one BatchNorm update per step] Only the first shard's first pass updates running
+    statistics. ``m`` updates per step would shorten BatchNorm's averaging horizon by ``m`` and make
+    the statistics depend on the micro-batching; one update matches SAM (``m = 1``) and what DDP
+    keeps (rank 0's buffers are broadcast at every forward).
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, micro_batches: int = 4, adaptive: bool = False,
