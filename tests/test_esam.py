@@ -461,3 +461,27 @@ def test_cuda_step_has_no_host_sync():
             opt.step(per_sample_closure(model, x, y))
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_tensor_mode_two_call_form_and_an_empty_selection():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(4)])
+    params = list(model.parameters())
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    opt = fastsam.ESAM(params, torch.optim.SGD, beta=0.5, swp="tensor", seed=11, lr=0.1)
+    # Two-call form: every gradient exists, but only the drawn tensors move (by rho / beta in total).
+    before = [p.detach().clone() for p in params]
+    (model(x) - y).pow(2).mean().backward()
+    grads = [p.grad.clone() for p in params]
+    opt.first_step(zero_grad=True)
+    kept = [tensor_kept(step_key(11, 0), j, 0.5) for j in range(len(params))]
+    assert 0 < sum(kept) < len(params)
+    norm = torch.stack([(g * g).sum() for g, k in zip(grads, kept) if k]).sum().sqrt()
+    for p, b, g, k in zip(params, before, grads, kept):
+        torch.testing.assert_close(p - b, 0.05 / 0.5 * g / norm if k else torch.zeros_like(p))
+    opt.restore()
+    # A draw that keeps nothing: the first pass needs no backward, no tensor is perturbed, the step still updates.
+    opt = fastsam.ESAM(params, torch.optim.SGD, beta=1e-12, gamma=1.0, swp="tensor", seed=0, lr=0.1)
+    opt.step(lambda indices=None: (model(x) - y).pow(2).mean(1))
+    assert opt.last_swp_draw.selected == frozenset() and opt._perturbed is None
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
