@@ -1,7 +1,9 @@
 """fastsam's optimizer layer: composes the ops, knows nothing about backends."""
 
 from .asam import ASAM
+from .esam import ESAM
 from .fisher_sam import FisherSAM
+from .msam import MSAM
 from .sam import SAM
 
-__all__ = ["SAM", "ASAM", "FisherSAM"]
+__all__ = ["SAM", "ASAM", "FisherSAM", "ESAM", "MSAM"]

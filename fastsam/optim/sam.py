@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastsam import ops
+from fastsam.distributed import check_dp_perturbation
 from fastsam.ops.grad_norm import check_mode
 
 from .base_step import fused_base_step_for
@@ -76,6 +77,9 @@ class SAM(torch.optim.Optimizer):
         perturb_eps: ``eps`` in ``rho / (norm + eps)``.
         backend: ``"auto"`` (default; ``FASTSAM_BACKEND`` may override it), ``"torch"``, ``"triton"``
             or ``"cuda"``. An explicit backend that cannot run raises with the reason.
+        dp_perturbation: under data parallelism, ``"global"`` (default: the first-pass gradient is
+            averaged across ranks before perturbing) or ``"local"`` (each rank perturbs with its own
+            gradient, i.e. mSAM with one shard per rank); see :mod:`fastsam.distributed`.
         **kwargs: options of the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
 
     Use either the two-call form::
@@ -94,7 +98,8 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
-                 eta: float = 0.0, perturb_eps: float = 1e-12, backend: str | None = "auto", **kwargs):
+                 eta: float = 0.0, perturb_eps: float = 1e-12, backend: str | None = "auto",
+                 dp_perturbation: str = "global", **kwargs):
         _check_nonneg("rho", rho)
         _check_nonneg("eta", eta)
         _check_nonneg("perturb_eps", perturb_eps)
@@ -107,6 +112,7 @@ class SAM(torch.optim.Optimizer):
                                          and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer class or instance, got {base_optimizer!r}")
         self.backend = ops.check_backend(backend)
+        self.dp_perturbation = check_dp_perturbation(dp_perturbation)
         self.perturb_eps = float(perturb_eps)
         super().__init__(params, dict(self._sam_defaults, **kwargs))
         for group in self.param_groups:
@@ -360,7 +366,7 @@ class SAM(torch.optim.Optimizer):
         self._fused_base = fused_base_step_for(self.base_optimizer)
 
     # Attributes that pickling/deepcopy must carry besides torch's (defaults, state, param_groups).
-    _PICKLED = ("base_optimizer", "backend", "perturb_eps", "_sam_defaults", "_step_state")
+    _PICKLED = ("base_optimizer", "backend", "perturb_eps", "_sam_defaults", "_step_state", "dp_perturbation")
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
