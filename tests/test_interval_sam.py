@@ -189,3 +189,26 @@ def test_steps_have_no_host_sync_and_a_constant_op_count(variant):
         # randn for the fake gradients grows with the tensor count; everything else must not.
         strip = [{k: v for k, v in c.items() if "randn" not in k} for c in small + large]
         assert strip[0] == strip[2] and strip[1] == strip[3]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_no_host_sync_on_cuda(variant):
+    """On a GPU, whole steps (SAM and cheap) run under torch's sync debug mode set to "error"."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)).cuda()
+    opt = VARIANTS[variant](model.parameters(), torch.optim.SGD, dict(lr=0.1, momentum=0.9))
+    x, y = torch.randn(32, 10, device="cuda"), torch.randint(0, 3, (32,), device="cuda")
+    for warm in (True, False):
+        torch.cuda.set_sync_debug_mode(0 if warm else "error")
+        try:
+            for _ in range(4):
+                F.cross_entropy(model(x), y).backward()
+                if opt.needs_second_pass:
+                    opt.first_step(zero_grad=True)
+                    F.cross_entropy(model(x), y).backward()
+                opt.second_step(zero_grad=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
