@@ -36,6 +36,25 @@ def copy_grads_to_buffers(backend: str, params: list, cache: dict) -> dict:
     return out
 
 
+def check_ops_registered(opt_name: str, backend: str, op_names: tuple[str, ...]) -> None:
+    """At construction: an explicitly requested backend must implement every op the variant uses.
+
+    (``auto`` falls back per op and per bucket, so it always can.)
+    """
+    if backend == "auto":
+        return
+    missing = [op for op in op_names if backend not in ops.implementations(op)]
+    if missing:
+        raise ops.BackendUnavailableError(
+            f"{opt_name} with backend={backend!r}: the {backend} backend has no implementation of "
+            f"{', '.join(missing)} yet; use backend='auto' (falls back to torch for those ops) or 'torch'")
+
+
+def resolve_for(backend: str, op_name: str, buckets) -> dict:
+    """``{(device, dtype): fn}`` for every bucket, resolved before anything is computed or modified."""
+    return {key: ops.resolve(op_name, backend, *key)[1] for key in buckets}
+
+
 def reject_sparse(opt_name: str, params: list) -> None:
     for p in params:
         if p.grad is not None and p.grad.is_sparse:

@@ -21,12 +21,14 @@ No host synchronisation: every scalar stays on the device.
 
 from __future__ import annotations
 
-from fastsam import ops
 from fastsam.ops.gsam_combine import check_alpha
 
-from ._variant_utils import (buckets_of, copy_grads_to_buffers, materialize_params, reject_sparse,
-                             warn_if_base_option_shadowed)
+from ._variant_utils import (buckets_of, check_ops_registered, copy_grads_to_buffers, materialize_params,
+                             reject_sparse, resolve_for, warn_if_base_option_shadowed)
 from .sam import SAM
+
+
+_OPS = ("grad_dot", "gsam_combine")
 
 
 class GSAM(SAM):
@@ -55,6 +57,7 @@ class GSAM(SAM):
         params = materialize_params(params)
         warn_if_base_option_shadowed("GSAM", base_optimizer, "alpha", params)
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
+        check_ops_registered("GSAM", self.backend, _OPS)
         self.alpha = float(alpha)
         self._first_grads: dict = {}  # parameter -> copy of its first-pass gradient g (buffers reused)
         self.grad_stats = None
@@ -62,6 +65,11 @@ class GSAM(SAM):
     def first_step(self, zero_grad: bool = False) -> None:
         """SAM's ``first_step``, keeping a copy of ``g`` for the decomposition in ``second_step``."""
         check_alpha(self.alpha)  # before anything changes
+        if self.needs_second_pass and self._perturbed is None:
+            # Resolve the second step's ops now: an unavailable backend raises before perturbing.
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            for op in _OPS:
+                resolve_for(self.backend, op, buckets_of(params))
         super().first_step(zero_grad=False)
         if not self._cheap_pending:
             self._first_grads = copy_grads_to_buffers(self.backend, list(self._perturbed), self._first_grads)
@@ -77,17 +85,16 @@ class GSAM(SAM):
         if not params:
             return
         buckets = buckets_of(params)
+        dots, combines = (resolve_for(self.backend, op, buckets) for op in _OPS)
         stats = None
-        for (device, dtype), ps in buckets.items():
-            _, dot = ops.resolve("grad_dot", self.backend, device, dtype)
-            part = dot([self._first_grads[p] for p in ps], [p.grad for p in ps])
+        for key, ps in buckets.items():
+            part = dots[key]([self._first_grads[p] for p in ps], [p.grad for p in ps])
             stats = part if stats is None else stats + part.to(stats.device, non_blocking=True)
         # A sum, like the squared norm: the same cross-process reduction applies.
         stats = self._reduce_sq_norm(stats)
         self.grad_stats = stats
         for (device, dtype), ps in buckets.items():
-            _, combine = ops.resolve("gsam_combine", self.backend, device, dtype)
-            combine([p.grad for p in ps], [self._first_grads[p] for p in ps], stats.to(device, non_blocking=True),
-                    self.alpha)
+            combines[(device, dtype)]([p.grad for p in ps], [self._first_grads[p] for p in ps],
+                                      stats.to(device, non_blocking=True), self.alpha)
 
     _PICKLED = SAM._PICKLED + ("alpha", "_first_grads", "grad_stats")

@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import torch
 
-from fastsam import ops
 from fastsam.ops.gsam_combine import check_alpha
 
-from ._variant_utils import (buckets_of, copy_grads_to_buffers, materialize_params, reject_sparse,
-                             warn_if_base_option_shadowed)
+from ._variant_utils import (buckets_of, check_ops_registered, copy_grads_to_buffers, materialize_params,
+                             reject_sparse, resolve_for, warn_if_base_option_shadowed)
 from .sam import SAM, _check_every
+
+
+_SAM_STEP_OPS = ("grad_dot", "looksam_orthogonal")
+_CHEAP_STEP_OPS = ("grad_norm", "looksam_combine")
 
 
 class LookSAM(SAM):
@@ -76,6 +79,7 @@ class LookSAM(SAM):
         params = materialize_params(params)
         warn_if_base_option_shadowed("LookSAM", base_optimizer, "alpha", params)
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, every=k, **kwargs)
+        check_ops_registered("LookSAM", self.backend, _SAM_STEP_OPS + _CHEAP_STEP_OPS)
         self.alpha = float(alpha)
         # parameter -> buffer: g during a SAM step, g_v after it. _gv_sq_norm is ||g_v||^2 on the
         # device, or None while there is no usable g_v (before the first SAM step, during one).
@@ -95,6 +99,11 @@ class LookSAM(SAM):
     def first_step(self, zero_grad: bool = False) -> None:
         """SAM's ``first_step`` on SAM steps (keeping ``g``); nothing on cheap steps."""
         check_alpha(self.alpha)  # before anything changes
+        if self.needs_second_pass and self._perturbed is None:
+            # Resolve the second step's ops now: an unavailable backend raises before perturbing.
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            for op in _SAM_STEP_OPS:
+                resolve_for(self.backend, op, buckets_of(params))
         super().first_step(zero_grad=False)
         if not self._cheap_pending:
             # g goes into the g_v buffers, where looksam_orthogonal_ turns it into g_v in place.
@@ -117,17 +126,16 @@ class LookSAM(SAM):
         if not params:
             return
         buckets = buckets_of(params)
+        dots, orthogonals = (resolve_for(self.backend, op, buckets) for op in _SAM_STEP_OPS)
         stats = None
-        for (device, dtype), ps in buckets.items():
-            _, dot = ops.resolve("grad_dot", self.backend, device, dtype)
-            part = dot([self._gv[p] for p in ps], [p.grad for p in ps])  # g (held in the buffer), g_s
+        for key, ps in buckets.items():
+            part = dots[key]([self._gv[p] for p in ps], [p.grad for p in ps])  # g (held in the buffer), g_s
             stats = part if stats is None else stats + part.to(stats.device, non_blocking=True)
         stats = self._reduce_sq_norm(stats)  # sums: the same cross-process reduction as a squared norm
         sq_norm = None
         for (device, dtype), ps in buckets.items():
-            _, orthogonal = ops.resolve("looksam_orthogonal", self.backend, device, dtype)
             bufs = [self._gv[p] for p in ps]
-            part = orthogonal(bufs, [p.grad for p in ps], bufs, stats.to(device, non_blocking=True))
+            part = orthogonals[(device, dtype)](bufs, [p.grad for p in ps], bufs, stats.to(device, non_blocking=True))
             sq_norm = part if sq_norm is None else sq_norm + part.to(sq_norm.device, non_blocking=True)
         self._gv_sq_norm = self._reduce_sq_norm(sq_norm)
 
@@ -137,19 +145,19 @@ class LookSAM(SAM):
         if self._gv_sq_norm is None or not params:
             return  # no g_v yet: a plain step
         buckets = buckets_of(params)
+        sq_norms, combines = (resolve_for(self.backend, op, buckets) for op in _CHEAP_STEP_OPS)
         sq_norm_g = None
-        for (device, dtype), ps in buckets.items():
-            _, sq = ops.resolve("grad_norm", self.backend, device, dtype)
-            part = sq([p.grad for p in ps], None, "plain", 0.0)
+        for key, ps in buckets.items():
+            part = sq_norms[key]([p.grad for p in ps], None, "plain", 0.0)
             sq_norm_g = part if sq_norm_g is None else sq_norm_g + part.to(sq_norm_g.device, non_blocking=True)
         sq_norm_g = self._reduce_sq_norm(sq_norm_g)
         for (device, dtype), ps in buckets.items():
             ps = [p for p in ps if p in self._gv]
             if not ps:
                 continue
-            _, combine = ops.resolve("looksam_combine", self.backend, device, dtype)
-            combine([p.grad for p in ps], [self._gv[p] for p in ps], sq_norm_g.to(device, non_blocking=True),
-                    self._gv_sq_norm.to(device, non_blocking=True), self.alpha)
+            combines[(device, dtype)]([p.grad for p in ps], [self._gv[p] for p in ps],
+                                      sq_norm_g.to(device, non_blocking=True),
+                                      self._gv_sq_norm.to(device, non_blocking=True), self.alpha)
 
     # ------------------------------------------------------------------ state
 
