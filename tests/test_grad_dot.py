@@ -45,6 +45,26 @@ def test_grad_dot_matches_reference(device, backend, dtype, mix):
         assert_stats_close(stats, reference_stats(a, b), f"{len(shapes)} tensors")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_grad_dot_multi_tensor_path_on_cpu(monkeypatch, dtype):
+    """The torch backend's GPU path (multi-tensor norms, polarisation), forced on the CPU.
+
+    Sizes stay below the range where torch's CPU fp32 norm kernel loses accuracy (see the note on
+    ``reduces_per_tensor``); on a GPU the same path is tested at every size by the tests above.
+    """
+    import sys
+
+    grad_dot_module = sys.modules["fastsam.ops.grad_dot"]  # the attribute fastsam.ops.grad_dot is the op
+    monkeypatch.setattr(grad_dot_module, "reduces_per_tensor", lambda device: False)
+    gen = torch.Generator().manual_seed(17)
+    for shapes in ([(4097,)], [(1,)], [(3, 5)] * 7 + [(1000,), (64, 3, 3)]):
+        for mix in (0.8, -0.3):
+            a, b = correlated_pair(shapes, dtype, "cpu", gen, mix)
+            assert_stats_close(ops.grad_dot(a, b, backend="torch"), reference_stats(a, b))
+            sq = grad_dot_module.sum_sq_norms(a)
+            torch.testing.assert_close(sq.double(), reference_stats(a, a)[SQ_NORM_A], rtol=2e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("device,backend,dtype", backend_cases("grad_dot"))
 def test_grad_dot_special_pairs(device, backend, dtype):
     """a with itself: dot = both norms; a with -a: dot = -||a||^2; a with zeros: dot = 0."""

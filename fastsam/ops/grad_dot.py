@@ -65,40 +65,61 @@ def grad_dot(a: list[torch.Tensor], b: list[torch.Tensor], *, backend: str | Non
 # torch backend
 # --------------------------------------------------------------------------------------------
 
-def _sq_norm_accumulated(tensors) -> torch.Tensor:
-    """[note: accumulation dtype of the torch backend's norms]
-    ``_foreach_norm`` accumulates in the dtype it is given, whatever the storage dtype. On CUDA its
-    fp32 accumulation is a tree of block partial sums, accurate to a few ulps. torch's CPU norm
-    kernel instead runs one long fp32 accumulator per thread chunk, whose error grows with the
-    tensor: about 2e-5 relative at 278011 bf16 values and 1e-4 at 3M fp32 values (a plain ``sum``
-    uses cascade summation and does not have the problem). CPU buckets therefore accumulate in
-    fp64 (about 5x the time of that small pass) and the result is rounded to fp32 once by the
-    caller; fp64 lists do too, since ``_foreach_norm`` refuses to narrow fp64 to fp32.
+def reduces_per_tensor(device: torch.device) -> bool:
+    """Whether the torch backend reduces tensor by tensor with BLAS dots on this device.
+
+    [note: how the torch backend reduces, per device]
+    On CUDA, ``torch._foreach_norm`` covers a whole list in a few launches and accumulates in fp32
+    as a tree of block partial sums (accurate to a few ulps): the multi-tensor path below. On the
+    CPU there are no launches to save (CPU foreach ops loop over the tensors internally), and
+    torch's CPU norm kernel keeps one long fp32 accumulator per thread chunk whose error grows with
+    the tensor: about 2e-5 relative at 278011 bf16 values, 1e-4 at 3M fp32 values. ``torch.dot``
+    (BLAS) is both accurate there (3e-7 at 3M) and about 4x faster than the multi-tensor path
+    accumulating in fp64, so CPU buckets take one ``dot`` per tensor and per sum.
     """
-    first = tensors[0]
-    acc = torch.float64 if first.dtype == torch.float64 or first.device.type == "cpu" else FP32
+    return device.type == "cpu"
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+def _sq_norm_multi_tensor(tensors) -> torch.Tensor:
+    # _foreach_norm refuses to narrow fp64 to fp32: fp64 lists accumulate in fp64.
+    acc = torch.float64 if tensors[0].dtype == torch.float64 else FP32
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).square().sum()
 
 
 def sum_sq_norms(tensors) -> torch.Tensor:
-    """Sum of squares of a non-empty list: fp32 accumulation (fp64 for fp64 lists), 0-dim fp32 result."""
-    return _sq_norm_accumulated(tensors).to(FP32)
+    """Sum of squares over a non-empty list, accumulated in fp32 (fp64 for fp64), as a 0-dim fp32 tensor."""
+    if reduces_per_tensor(tensors[0].device):
+        if is_low_precision(tensors[0].dtype):
+            tensors = [pack_fp32(tensors)]  # a half-precision dot would accumulate and round in half
+        return torch.stack([torch.dot(_flat(t), _flat(t)) for t in tensors]).sum().to(FP32)
+    return _sq_norm_multi_tensor(tensors).to(FP32)
 
 
 @register("grad_dot", "torch")
 def grad_dot_torch(a, b) -> torch.Tensor:
     """[note: the dot product from norms]
-    torch has a multi-tensor norm but no multi-tensor sum, and a per-tensor ``torch.dot`` loop would
-    cost one launch per tensor. So the dot product comes from the polarisation identity
-    ``<a, b> = (||a + b||^2 - ||a||^2 - ||b||^2) / 2``: one multi-tensor add and three multi-tensor
-    norms, the last two of which are wanted anyway. Its rounding error is a few fp32 ulps of
-    ``||a||^2 + ||b||^2``, the same order as a direct fp32 sum of ``a_i b_i`` for gradients of
-    comparable size (the case here); the Triton/CUDA kernels sum the products directly.
+    torch has a multi-tensor norm but no multi-tensor sum, and a per-tensor ``torch.dot`` loop costs
+    one launch per tensor on a GPU. So on the multi-tensor path the dot product comes from the
+    polarisation identity ``<a, b> = (||a + b||^2 - ||a||^2 - ||b||^2) / 2``: one multi-tensor add
+    and three multi-tensor norms, the last two of which are wanted anyway. Its rounding error is a
+    few fp32 ulps of ``||a||^2 + ||b||^2``, the same order as a direct fp32 sum of ``a_i b_i`` for
+    gradients of comparable size (the case here). The CPU path and the Triton/CUDA kernels sum the
+    products directly.
     """
     if not a:
         return torch.zeros(3, dtype=FP32)
     if is_low_precision(a[0].dtype):
         a, b = [pack_fp32(a)], [pack_fp32(b)]  # fp32 math: pack once (see _torch_common)
-    sq_a, sq_b = _sq_norm_accumulated(a), _sq_norm_accumulated(b)
-    sq_sum = _sq_norm_accumulated(torch._foreach_add(a, b))
+    if reduces_per_tensor(a[0].device):
+        rows = []
+        for x, y in zip(a, b):
+            x, y = _flat(x), _flat(y)
+            rows.append(torch.stack([torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)]))
+        return torch.stack(rows).sum(0).to(FP32)
+    sq_a, sq_b = _sq_norm_multi_tensor(a), _sq_norm_multi_tensor(b)
+    sq_sum = _sq_norm_multi_tensor(torch._foreach_add(a, b))
     return torch.stack([(sq_sum - sq_a - sq_b) * 0.5, sq_a, sq_b]).to(FP32)

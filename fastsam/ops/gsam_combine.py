@@ -68,7 +68,8 @@ def gsam_combine_(grads: list[torch.Tensor], first_grads: list[torch.Tensor], st
     check_pairs(grads, first_grads, ("grads", "first_grads"))
     for (device, dtype), idx in group_by_device_dtype(grads).items():
         _, fn = resolve("gsam_combine", backend, device, dtype)
-        fn([grads[i] for i in idx], [first_grads[i] for i in idx], stats.to(device, non_blocking=True), float(alpha))
+        fn([grads[i] for i in idx], [first_grads[i] for i in idx], stats.to(device, non_blocking=True),
+           float(alpha))
 
 
 # --------------------------------------------------------------------------------------------

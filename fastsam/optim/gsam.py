@@ -37,8 +37,9 @@ class GSAM(SAM):
     Args:
         params, base_optimizer, rho, adaptive, **kwargs: as for :class:`fastsam.SAM` (``every``,
             ``backend``, ``eta``, ``perturb_eps`` and the base optimizer's options included).
-        alpha: weight of the surrogate-gap term (``>= 0``; 0 is exactly SAM). Stored as ``opt.alpha`` (not in the param groups, which are shared
-            with the base optimizer): change it between steps, it is checked before the next step.
+        alpha: weight of the surrogate-gap term (``>= 0``; 0 is exactly SAM). Stored as ``opt.alpha``,
+            not in the param groups (those are shared with the base optimizer); it may be changed
+            between steps and is checked before the next one.
 
     ``alpha`` always means GSAM's alpha. A base optimizer with its own ``alpha`` (``torch.optim.RMSprop``)
     gets it through the param groups (``[{"params": ps, "alpha": 0.9}]``) or by passing a built

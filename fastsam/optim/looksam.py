@@ -135,7 +135,9 @@ class LookSAM(SAM):
         sq_norm = None
         for (device, dtype), ps in buckets.items():
             bufs = [self._gv[p] for p in ps]
-            part = orthogonals[(device, dtype)](bufs, [p.grad for p in ps], bufs, stats.to(device, non_blocking=True))
+            # gv and first_grads are the same buffers: g_v is written over g in place.
+            part = orthogonals[(device, dtype)](bufs, [p.grad for p in ps], bufs,
+                                                stats.to(device, non_blocking=True))
             sq_norm = part if sq_norm is None else sq_norm + part.to(sq_norm.device, non_blocking=True)
         self._gv_sq_norm = self._reduce_sq_norm(sq_norm)
 
