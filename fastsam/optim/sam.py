@@ -10,6 +10,11 @@ One SAM step, with ``g`` the gradient at ``w`` over all parameters of the optimi
 ``adaptive=True`` is ASAM's scale-invariant version (Kwon et al., ICML 2021): with ``T = |w| + eta``,
 ``e = rho * T^2 g / (||T g|| + eps)``.
 
+``every=k`` is interval SAM: only every k-th step (steps 0, k, 2k, ... of the counter kept in
+``state_dict()``) is a SAM step; the others are plain base steps with one forward/backward, the
+cheapest way to trade sharpness-awareness for speed. ``needs_second_pass`` says on the host, from
+that counter, whether the coming step perturbs.
+
 The arithmetic runs in fastsam's fused ops (``fastsam.ops``); this class only decides what to
 run. No host synchronisation happens inside a step: the norm, the scale and the non-finite flag
 stay on the device, and weights are restored by an in-place copy.
@@ -56,6 +61,13 @@ class _StepState:
     perturbed: dict | None = None
     grad_norm: torch.Tensor | None = None
     perturbation_skipped: torch.Tensor | None = None
+    step_count: int = 0  # completed steps, SAM and cheap (interval SAM); saved in state_dict()
+    cheap_pending: bool = False  # first_step/second_step of a step that perturbs nothing
+
+
+def _check_every(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _check_nonneg(name: str, value) -> None:
@@ -75,6 +87,7 @@ class SAM(torch.optim.Optimizer):
         adaptive: ASAM's adaptive perturbation, ``T = |w| + eta``.
         eta: ASAM's offset in ``T`` (0 reproduces the widely used SAM class's ``adaptive=True``).
         perturb_eps: ``eps`` in ``rho / (norm + eps)``.
+        every: interval SAM: a SAM step every ``every``-th step, a plain base step otherwise (1: always SAM).
         backend: ``"auto"`` (default; ``FASTSAM_BACKEND`` may override it), ``"torch"``, ``"triton"``
             or ``"cuda"``. An explicit backend that cannot run raises with the reason.
         dp_perturbation: under data parallelism, ``"global"`` (default: the first-pass gradient is
@@ -95,11 +108,25 @@ class SAM(torch.optim.Optimizer):
     After ``first_step``, ``grad_norm`` holds the (device) norm used and ``perturbation_skipped`` a
     device bool that is True when the gradient was not finite and the weights were left as they were.
     ``state_dict()`` carries the base optimizer's state (momentum, Adam moments).
+
+    With ``every > 1`` (and in subclasses with cheap steps, such as LookSAM) some steps need no
+    second pass. ``needs_second_pass`` (a host bool from the step counter, no device sync) says
+    whether the coming step is a SAM step. ``step(closure)`` calls the closure only then. In the
+    two-call form, either keep calling both (on a cheap step ``first_step`` perturbs nothing and
+    ``second_step`` steps with whatever gradient is there, correct but without the saving), or skip
+    the second pass::
+
+        loss_fn(model(x), y).backward()
+        if opt.needs_second_pass:
+            opt.first_step(zero_grad=True)
+            loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)    # on a cheap step: no first_step needed
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
                  eta: float = 0.0, perturb_eps: float = 1e-12, backend: str | None = "auto",
-                 dp_perturbation: str = "global", **kwargs):
+                 dp_perturbation: str = "global", every: int = 1, **kwargs):
+        _check_every("every", every)
         _check_nonneg("rho", rho)
         _check_nonneg("eta", eta)
         _check_nonneg("perturb_eps", perturb_eps)
@@ -152,6 +179,7 @@ class SAM(torch.optim.Optimizer):
     @property
     def _perturbed(self) -> dict | None:
         return self._step_state.perturbed
+        self._every = int(every)
 
     # ------------------------------------------------------------------ hooks for subclasses
 
@@ -166,6 +194,39 @@ class SAM(torch.optim.Optimizer):
     def _reduce_sq_norm(self, sq_norm: torch.Tensor) -> torch.Tensor:
         """Combine the local squared norm across processes (identity unless distributed)."""
         return sq_norm
+
+    def _before_base_step(self, sam_step: bool) -> None:
+        """Rewrite ``.grad`` into the update direction just before the restore and base step.
+
+        ``sam_step`` is False on a cheap step (nothing perturbed). Validate before modifying: if this
+        raises, ``second_step`` restores the weights and re-raises. SAM uses the gradient as it is.
+        """
+
+    # ------------------------------------------------------------------ interval SAM
+
+    @property
+    def every(self) -> int:
+        """A SAM step every ``every``-th step; the steps between are cheap (one pass)."""
+        return self._every
+
+    @every.setter
+    def every(self, value: int) -> None:
+        _check_every("every", value)
+        self._every = int(value)
+
+    @property
+    def needs_second_pass(self) -> bool:
+        """Whether the coming step is a SAM step (perturbs, so needs a second forward/backward).
+
+        Decided on the host from the step counter: steps 0, every, 2 every, ... are SAM steps.
+        """
+        return self._step_state.step_count % self._every == 0
+
+    def _start_cheap_step(self) -> None:
+        st = self._step_state
+        st.perturbed = {}  # "first_step done, nothing perturbed": second_step restores nothing
+        st.cheap_pending = True
+        st.grad_norm = st.perturbation_skipped = None
 
     # ------------------------------------------------------------------ validation
 
@@ -242,6 +303,13 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed is not None:
             raise RuntimeError(f"{type(self).__name__}.first_step() was called twice without second_step(); "
                                "call second_step() (or restore()) before perturbing again")
+        if not self.needs_second_pass:
+            # A cheap step: perturb nothing. second_step steps with the gradient present then.
+            self._start_cheap_step()
+            if zero_grad:
+                self._clear_grads()
+            return
+        self._step_state.cheap_pending = False
         buckets = self._perturbation_buckets()
         st = self._step_state
         if not buckets:  # no gradients at all: nothing to perturb, second_step is a plain base step
@@ -275,14 +343,23 @@ class SAM(torch.optim.Optimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the weights and take the base optimizer's step with the perturbed-point gradient."""
         if self._perturbed is None:
-            raise RuntimeError(f"{type(self).__name__}.second_step() called without a preceding first_step(): "
-                               "the weights are not perturbed, so there is nothing to restore")
+            if self.needs_second_pass:
+                raise RuntimeError(f"{type(self).__name__}.second_step() called without a preceding first_step(): "
+                                   "the weights are not perturbed, so there is nothing to restore")
+            self._start_cheap_step()  # the one-pass form of a cheap step
+        try:
+            self._before_base_step(sam_step=not self._step_state.cheap_pending)
+        except BaseException:
+            self.restore()
+            raise
         if self._fused_base is None:
             self.restore()
             self.base_optimizer.step()
         else:
             self._fused_second_step()
         self._step_state.perturbed = None
+        self._step_state.cheap_pending = False
+        self._step_state.step_count += 1
         self._mark_stepped()
         if zero_grad:
             self._clear_grads()
@@ -337,11 +414,16 @@ class SAM(torch.optim.Optimizer):
         """``first_step``, ``closure()`` (second forward/backward, returns the loss), ``second_step``.
 
         Gradients at ``w`` must already be in ``.grad``. Returns the closure's loss. If the closure
-        raises, the weights are restored before the exception propagates.
+        raises, the weights are restored before the exception propagates. On a cheap step
+        (``needs_second_pass`` False) the closure is not called, the step uses the gradients in
+        ``.grad``, and the return value is None.
         """
         if closure is None:
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure that recomputes the loss and its "
                                "gradients at the perturbed weights (or call first_step() and second_step())")
+        if not self.needs_second_pass:
+            self.second_step()
+            return None
         closure = torch.enable_grad()(closure)
         self.first_step(zero_grad=True)
         try:
@@ -354,11 +436,34 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
 
+    # state_dict() key for fastsam's own state (the step counter, subclasses' buffers); torch's
+    # Optimizer.load_state_dict ignores keys it does not know, and a stock state dict lacks it.
+    EXTRA_STATE_KEY = "fastsam"
+
+    def _extra_state(self) -> dict:
+        """fastsam's state beyond torch's (``state``/``param_groups``); subclasses extend it."""
+        return {"step": self._step_state.step_count}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        # A state dict without it (e.g. a stock optimizer's) starts a fresh cycle: a SAM step first.
+        self._step_state.step_count = int(extra.get("step", 0))
+
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        state_dict[self.EXTRA_STATE_KEY] = self._extra_state()
+        return state_dict
+
+    def _param_list(self) -> list:
+        """Parameters in state_dict() order (group by group), the indices fastsam's state uses."""
+        return [p for group in self.param_groups for p in group["params"]]
+
     def load_state_dict(self, state_dict: dict) -> None:
         if self._perturbed is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step(): the weights are "
                                "perturbed; call second_step() or restore() first")
+        extra = state_dict.get(self.EXTRA_STATE_KEY) or {}
         super().load_state_dict(state_dict)
+        self._load_extra_state(extra)
         self.base_optimizer.state = self.state
         self.base_optimizer.param_groups = self.param_groups
         for group in self.param_groups:
@@ -366,7 +471,8 @@ class SAM(torch.optim.Optimizer):
         self._fused_base = fused_base_step_for(self.base_optimizer)
 
     # Attributes that pickling/deepcopy must carry besides torch's (defaults, state, param_groups).
-    _PICKLED = ("base_optimizer", "backend", "perturb_eps", "_sam_defaults", "_step_state", "dp_perturbation")
+    _PICKLED = ("base_optimizer", "backend", "perturb_eps", "_sam_defaults", "_step_state", "dp_perturbation",
+                "_every")
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -377,6 +483,7 @@ class SAM(torch.optim.Optimizer):
         super().__setstate__(state)
         if "_step_state" not in self.__dict__:
             self._step_state = _StepState()
+        self.__dict__.setdefault("_every", 1)  # pickled before interval SAM existed
         self._backups = dict(self._step_state.perturbed or {})
         if "base_optimizer" in self.__dict__:
             self.base_optimizer.state = self.state
