@@ -165,6 +165,7 @@ class SAM(torch.optim.Optimizer):
         self._fused_base = fused_base_step_for(self.base_optimizer)
         self._backups: dict = {}
         self._step_state = _StepState()
+        self._every = int(every)
 
     @property
     def grad_norm(self) -> torch.Tensor | None:
@@ -179,7 +180,6 @@ class SAM(torch.optim.Optimizer):
     @property
     def _perturbed(self) -> dict | None:
         return self._step_state.perturbed
-        self._every = int(every)
 
     # ------------------------------------------------------------------ hooks for subclasses
 
