@@ -8,7 +8,9 @@
 // nothing.
 //
 // The schemas mirror the backend contracts in the op docstrings; where a contract argument can be
-// a float or a tensor (lr) the schema has both (`Tensor? lr_tensor, float lr`).
+// a float or a tensor (lr) the schema has both (`Tensor? lr_tensor, float lr`). The contracts' `mode`
+// is called `norm_mode` here: torch.compile's functionalization passes a mutating op's arguments
+// by name next to its own argument called `mode`, and the two would collide.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -45,7 +47,7 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
-NormMode norm_mode(c10::string_view mode) {
+NormMode parse_norm_mode(c10::string_view mode) {
   if (mode == "plain") return NormMode::kPlain;
   if (mode == "adaptive") return NormMode::kAdaptive;
   if (mode == "fisher") return NormMode::kFisher;
@@ -114,7 +116,7 @@ cudaStream_t stream_on(const at::Device& device) { return c10::cuda::getCurrentC
 int64_t abi_version() { return kAbiVersion; }
 
 at::Tensor grad_sq_norm_cuda(at::TensorList grads, at::TensorList params, c10::string_view mode, double eta) {
-  const NormMode m = norm_mode(mode);
+  const NormMode m = parse_norm_mode(mode);
   TensorRows rows(grads, "grads");
   if (m == NormMode::kAdaptive) rows.add(params, "params", grads);
   c10::cuda::CUDAGuard guard(rows.device());
@@ -143,7 +145,7 @@ void perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList ba
   }
   c10::cuda::CUDAGuard guard(rows.device());
   const at::Tensor norm32 = device_scalar(norm, rows.device(), "norm");
-  const PerturbConfig config{norm_mode(mode),          static_cast<float>(rho),  static_cast<float>(eta),
+  const PerturbConfig config{parse_norm_mode(mode),          static_cast<float>(rho),  static_cast<float>(eta),
                              static_cast<float>(eps),  static_cast<float>(beta), static_cast<uint64_t>(seed),
                              offset};
   C10_CUDA_CHECK(perturb(rows.dtype(), rows.rows(), rows.numels(), rows.size(), norm32.data_ptr<float>(), config,
@@ -285,8 +287,8 @@ at::Tensor sds_weights_cuda(const at::Tensor& loss_before, const at::Tensor& los
 // each schema a single string literal.
 TORCH_LIBRARY(fastsam_cuda, m) {
   m.def("abi_version() -> int", &fastsam::cuda::abi_version);
-  m.def("grad_sq_norm(Tensor[] grads, Tensor[] params, str mode, float eta) -> Tensor");
-  m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor norm, float rho, str mode, float eta, float eps, float beta, int seed, int offset) -> ()");
+  m.def("grad_sq_norm(Tensor[] grads, Tensor[] params, str norm_mode, float eta) -> Tensor");
+  m.def("perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor norm, float rho, str norm_mode, float eta, float eps, float beta, int seed, int offset) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   m.def("restore_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor(b!)[] momentum_buffers, Tensor? lr_tensor, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool is_first_step, Tensor? grad_scale, Tensor? found_inf) -> ()");
   m.def("restore_adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");

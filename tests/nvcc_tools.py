@@ -39,6 +39,14 @@ def find_nvcc() -> str | None:
     return None
 
 
+def cuda_include_dir(nvcc: str) -> Path | None:
+    """The toolkit's include directory (nvcc may be a wrapper script outside the toolkit)."""
+    candidates = [Path(nvcc).resolve().parent.parent / "include"]
+    candidates += [Path(r) / "include" for r in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")) if r]
+    candidates.append(Path("/usr/local/cuda/include"))
+    return next((c for c in candidates if (c / "cuda_runtime_api.h").is_file()), None)
+
+
 def nvcc_version(nvcc: str) -> str:
     return subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
 
@@ -131,7 +139,8 @@ def binding_syntax_check(cxx: str, cuda_include: Path) -> tuple[bool, str]:
         for inc in (torch_include, torch_include / "torch" / "csrc" / "api" / "include", cuda_include,
                     Path(sysconfig.get_paths()["include"]), Path(tmp)):
             cmd += ["-isystem", str(inc)]
-        return _run(cmd + [str(CSRC / "binding.cpp")])
+        code, out = _run(cmd + [str(CSRC / "binding.cpp")])
+    return code == 0, out
 
 
 def main() -> int:

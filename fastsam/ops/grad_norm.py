@@ -118,5 +118,5 @@ def grad_sq_norm_cuda(grads, params, mode: str, eta: float) -> torch.Tensor:
 
 
 @_cuda.fake("grad_sq_norm")
-def _grad_sq_norm_fake(grads, params, mode, eta):
+def _grad_sq_norm_fake(grads, params, norm_mode, eta):
     return grads[0].new_empty((), dtype=torch.float32)

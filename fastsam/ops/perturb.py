@@ -126,5 +126,5 @@ def perturb_cuda(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, 
 
 
 @_cuda.fake("perturb_")
-def _perturb_fake(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, offset):
+def _perturb_fake(params, grads, backups, norm, rho, norm_mode, eta, eps, beta, seed, offset):
     return None
