@@ -39,13 +39,17 @@ def _jit_requested() -> bool:
     return os.environ.get(JIT_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def _loaded_abi() -> int:
+    import torch
+
+    return int(torch.ops.fastsam_cuda.abi_version())
+
+
 def _accept(module) -> None:
     """Check the ABI of a freshly imported extension and finish setting it up."""
     global _module, _reason
-    import torch
-
     try:
-        abi = int(torch.ops.fastsam_cuda.abi_version())
+        abi = _loaded_abi()
     except Exception as exc:
         _module, _reason = None, f"the CUDA extension loaded but its operators are missing ({exc.__class__.__name__}: {exc})"
         return
