@@ -65,3 +65,34 @@ def test_binding_type_checks_against_torch_headers():
         pytest.skip("this torch build ships no c10/cuda headers")
     ok, out = binding_syntax_check(cxx, cuda_include)
     assert ok, out
+
+
+CPP_TO_SCHEMA = {
+    "at::TensorList": "Tensor[]",
+    "const at::Tensor&": "Tensor",
+    "const c10::optional<at::Tensor>&": "Tensor?",
+    "double": "float",
+    "int64_t": "int",
+    "bool": "bool",
+    "c10::string_view": "str",
+}
+
+
+def _schema_types(schema: str) -> tuple[list[str], str]:
+    args, ret = re.fullmatch(r"\w+\((.*)\) -> (.*)", schema).groups()
+    types = [re.sub(r"\([a-z]!?\)", "", a.strip().rsplit(" ", 1)[0]) for a in args.split(",") if a.strip()]
+    return types, ret.strip()
+
+
+def test_cpp_signatures_match_the_schemas():
+    """torch checks this only when the extension loads on a GPU machine; check it here from the source."""
+    text = (CSRC / "binding.cpp").read_text()
+    schemas = {s.split("(", 1)[0]: s for s in re.findall(r'm\.def\(\s*"([^"]+)"', text)}
+    impls = dict(re.findall(r'm\.impl\("(\w+)", &fastsam::cuda::(\w+)\)', text))
+    assert set(impls) == set(schemas) - {"abi_version"}
+    for name, fn in impls.items():
+        ret, params = re.search(rf"\n(at::Tensor|void) {fn}\(([^)]*(?:\)[^{{]*?)?)\) {{", text).groups()
+        cpp = [CPP_TO_SCHEMA[re.sub(r"\s+", " ", p.strip()).rsplit(" ", 1)[0]] for p in params.split(",")]
+        types, schema_ret = _schema_types(schemas[name])
+        assert cpp == types, f"{name}: C++ takes {cpp}, the schema declares {types}"
+        assert {"at::Tensor": "Tensor", "void": "()"}[ret] == schema_ret, name
