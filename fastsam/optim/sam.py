@@ -41,6 +41,22 @@ class _Bucket:
     grads: list = field(default_factory=list)
 
 
+@dataclass
+class _StepState:
+    """What a step leaves for the next call: the perturbed parameters (-> their backups), the norm.
+
+    [note: optimizer attributes under torch.compile]
+    torch.compile (dynamo) traces Optimizer objects specially and, as of torch 2.13, silently drops
+    plain attribute assignments made on them inside a compiled region. Everything a step writes
+    therefore lives on this small plain object (and in dicts mutated in place), whose attribute
+    writes dynamo does replay. Subclasses keep their own per-step state the same way.
+    """
+
+    perturbed: dict | None = None
+    grad_norm: torch.Tensor | None = None
+    perturbation_skipped: torch.Tensor | None = None
+
+
 def _check_nonneg(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -115,9 +131,21 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self._fused_base = fused_base_step_for(self.base_optimizer)
         self._backups: dict = {}
-        self._perturbed: dict | None = None
-        self.grad_norm: torch.Tensor | None = None
-        self.perturbation_skipped: torch.Tensor | None = None
+        self._step_state = _StepState()
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global norm the last ``first_step`` used (0-dim fp32 on the device), or None."""
+        return self._step_state.grad_norm
+
+    @property
+    def perturbation_skipped(self) -> torch.Tensor | None:
+        """Device bool: True when the last first-pass gradient was not finite and nothing moved."""
+        return self._step_state.perturbation_skipped
+
+    @property
+    def _perturbed(self) -> dict | None:
+        return self._step_state.perturbed
 
     # ------------------------------------------------------------------ hooks for subclasses
 
@@ -155,8 +183,10 @@ class SAM(torch.optim.Optimizer):
     def _perturbation_buckets(self) -> list[_Bucket]:
         """Group parameters with gradients; validates everything before anything is modified."""
         buckets: dict[tuple, _Bucket] = {}
+        checking = not torch.compiler.is_compiling()  # validated eagerly; a compiled step trusts its groups
         for group in self.param_groups:
-            self._check_group(group)
+            if checking:
+                self._check_group(group)
             mode, rho, eta = self._norm_mode(group), float(group["rho"]), float(group["eta"])
             for p in group["params"]:
                 g = p.grad
@@ -198,7 +228,7 @@ class SAM(torch.optim.Optimizer):
                self.perturb_eps, beta, seed, start)
             offset += sum(p.numel() for p in b.params)
             perturbed.update(zip(b.params, backups))
-        self._perturbed = perturbed
+        self._step_state.perturbed = perturbed
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -207,24 +237,24 @@ class SAM(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__}.first_step() was called twice without second_step(); "
                                "call second_step() (or restore()) before perturbing again")
         buckets = self._perturbation_buckets()
+        st = self._step_state
         if not buckets:  # no gradients at all: nothing to perturb, second_step is a plain base step
-            self._perturbed = {}
-            self.grad_norm = self.perturbation_skipped = None
+            st.perturbed, st.grad_norm, st.perturbation_skipped = {}, None, None
         else:
             norm = self._global_norm(buckets)
-            self.grad_norm = norm
-            self.perturbation_skipped = ~torch.isfinite(norm)
+            st.grad_norm = norm
+            st.perturbation_skipped = ~torch.isfinite(norm)
             self._perturb(buckets, norm)
         if zero_grad:
-            self.zero_grad()
+            self._clear_grads()
 
     @torch.no_grad()
     def restore(self) -> bool:
         """Undo ``first_step``'s perturbation without stepping. Returns whether anything was restored."""
-        perturbed = self._perturbed
+        perturbed = self._step_state.perturbed
         if perturbed is None:
             return False
-        self._perturbed = None
+        self._step_state.perturbed = None
         buckets: dict[tuple, tuple[list, list]] = {}
         for p, b in perturbed.items():
             ps, bs = buckets.setdefault((p.device, p.dtype), ([], []))
@@ -246,10 +276,10 @@ class SAM(torch.optim.Optimizer):
             self.base_optimizer.step()
         else:
             self._fused_second_step()
-        self._perturbed = None
+        self._step_state.perturbed = None
         self._mark_stepped()
         if zero_grad:
-            self.zero_grad()
+            self._clear_grads()
 
     def _fused_second_step(self) -> None:
         perturbed = self._perturbed
@@ -272,11 +302,21 @@ class SAM(torch.optim.Optimizer):
                 bs.append(backup)
             plan.extend((group, ps, gs, bs) for ps, gs, bs in buckets.values())
         if restore_only:
-            self._perturbed = restore_only
+            self._step_state.perturbed = restore_only
             self.restore()
         grad_scale, found_inf = self._amp_scale_args()
         for group, ps, gs, bs in plan:
             self._fused_base.step_bucket(self, group, ps, gs, bs, self.backend, grad_scale, found_inf)
+
+    def _clear_grads(self) -> None:
+        """``zero_grad(set_to_none=True)`` without leaving a compiled region.
+
+        ``Optimizer.zero_grad`` is excluded from torch.compile tracing (a graph break); setting the
+        gradients to None directly is traceable and does the same.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     def _amp_scale_args(self):
         """(grad_scale, found_inf) device tensors for the fused base step, when a GradScaler set them."""
@@ -320,8 +360,7 @@ class SAM(torch.optim.Optimizer):
         self._fused_base = fused_base_step_for(self.base_optimizer)
 
     # Attributes that pickling/deepcopy must carry besides torch's (defaults, state, param_groups).
-    _PICKLED = ("base_optimizer", "backend", "perturb_eps", "_sam_defaults", "_perturbed", "grad_norm",
-                "perturbation_skipped")
+    _PICKLED = ("base_optimizer", "backend", "perturb_eps", "_sam_defaults", "_step_state")
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -330,7 +369,9 @@ class SAM(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._backups = {p: b for p, b in (self.__dict__.get("_perturbed") or {}).items()}
+        if "_step_state" not in self.__dict__:
+            self._step_state = _StepState()
+        self._backups = dict(self._step_state.perturbed or {})
         if "base_optimizer" in self.__dict__:
             self.base_optimizer.state = self.state
             self.base_optimizer.param_groups = self.param_groups
