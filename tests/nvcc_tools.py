@@ -24,7 +24,11 @@ EMULATION_SOURCE = Path(__file__).resolve().parent / "csrc" / "host_emulation.cu
 
 # The compile check targets: Ampere (A100) and Hopper (H100/H200).
 CHECK_ARCHS = ("80", "90")
-NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo", "-Wno-deprecated-gpu-targets",
+# torch's extension builds add TORCH_NVCC_DEFINES to every nvcc call (no implicit half/bf16 conversions
+# or operators); the check compiles under the same restrictions, with warnings as errors.
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo", "-Wno-deprecated-gpu-targets", *TORCH_NVCC_DEFINES,
               "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
 
 
@@ -107,7 +111,7 @@ def compile_all(nvcc: str, sources=None, workers: int | None = None) -> dict[str
 def build_emulation_library(nvcc: str) -> Path:
     """The host emulation shared library (tests/csrc/host_emulation.cu + csrc/), built once per content."""
     flags = ["-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC,-Wall,-Wextra,-Werror", "-Werror", "all-warnings",
-             "-Wno-deprecated-gpu-targets"]
+             "-Wno-deprecated-gpu-targets", *TORCH_NVCC_DEFINES]
     key = _digest(nvcc_version(nvcc), flags, EMULATION_SOURCE, *kernel_sources(), *_headers())
     out = cache_dir() / f"libfastsam_emulation-{key}.so"
     if out.exists():
