@@ -51,7 +51,8 @@ def _accept(module) -> None:
     try:
         abi = _loaded_abi()
     except Exception as exc:
-        _module, _reason = None, f"the CUDA extension loaded but its operators are missing ({exc.__class__.__name__}: {exc})"
+        _module = None
+        _reason = f"the CUDA extension loaded but its operators are missing ({exc.__class__.__name__}: {exc})"
         return
     if abi != ABI_VERSION:
         _module, _reason = None, (f"the CUDA extension was built from other sources (ABI {abi}, this fastsam expects "

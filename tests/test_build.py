@@ -45,7 +45,8 @@ def test_setup_env_switch():
     if torch.version.cuda is None:
         forced = run_setup(FASTSAM_BUILD_CUDA="1")
         assert forced.returncode != 0
-        assert "FASTSAM_BUILD_CUDA=1 but the CUDA extension cannot be built: this torch build has no CUDA" in forced.stderr
+        assert ("FASTSAM_BUILD_CUDA=1 but the CUDA extension cannot be built: this torch build has no CUDA"
+                in forced.stderr)
 
 
 def test_toolkit_major_version_must_match_torch(monkeypatch):
