@@ -34,6 +34,7 @@ from ._dispatch import (
     set_auto_order,
     supports,
 )
+from ._autotune import autotune
 from .grad_dot import grad_dot
 from .grad_norm import MODES, grad_norm, grad_sq_norm
 from .gsam_combine import gsam_combine_
@@ -46,7 +47,7 @@ from .sds_select import sds_k, sds_select, sds_weights
 
 __all__ = [
     "BACKENDS", "ENV_VAR", "MODES", "BackendUnavailableError", "auto_order", "backend_status", "check_backend",
-    "implementations", "register", "resolve", "set_auto_order", "supports",
+    "implementations", "register", "resolve", "set_auto_order", "supports", "autotune",
     "grad_norm", "grad_sq_norm", "perturb_", "restore_", "restore_sgd_step_", "restore_adamw_step_",
     "sds_k", "sds_select", "sds_weights",
     "grad_dot", "gsam_combine_", "looksam_orthogonal_", "looksam_combine_",
