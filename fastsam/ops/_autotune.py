@@ -150,6 +150,14 @@ def _probe_calls(op: str, device: torch.device, dtype: torch.dtype, count: int, 
         steps = [torch.ones((), device=device) for _ in range(count)]
         return (lst(), lst(), lst(), lst(0.1), lst(0.01, True), [], steps, 1e-3, 0.9, 0.999, 1e-8, 1e-2, False,
                 False, None, None)
+    if op == "grad_dot":
+        return lst(), lst()
+    if op in ("gsam_combine", "looksam_orthogonal"):
+        stats = torch.tensor([0.5, 2.0, 3.0], device=device)
+        return (lst(), lst(), stats, 0.4) if op == "gsam_combine" else (lst(), lst(), lst(), stats)
+    if op == "looksam_combine":
+        one = torch.ones((), device=device)
+        return lst(), lst(), one, one, 0.7
     if op in ("sds_select", "sds_weights"):
         batch = min(count * numel, 4096)
         before, after = torch.rand(batch, device=device), torch.rand(batch, device=device)
