@@ -138,6 +138,8 @@ class ESAM(SAM):
     ``"local"`` the first backward is not synchronised and neither is needed.
     """
 
+    _supports_sharded_params = False  # not shard-aware yet (see fastsam/optim/_sharding.py)
+
     def __init__(self, params, base_optimizer, rho: float = 0.05, beta: float = 0.5, gamma: float = 0.5,
                  swp: str = "element", adaptive: bool = False, *, seed: int | None = None, model=None, **kwargs):
         beta = check_fraction("beta", beta)

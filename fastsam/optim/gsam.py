@@ -52,6 +52,8 @@ class GSAM(SAM):
     to SAM's ``g_p``.
     """
 
+    _supports_sharded_params = False  # not shard-aware yet (see fastsam/optim/_sharding.py)
+
     def __init__(self, params, base_optimizer, rho: float = 0.05, alpha: float = 0.4, adaptive: bool = False,
                  **kwargs):
         check_alpha(alpha)
@@ -60,8 +62,19 @@ class GSAM(SAM):
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
         check_ops_registered("GSAM", self.backend, _OPS)
         self.alpha = float(alpha)
-        self._first_grads: dict = {}  # parameter -> copy of its first-pass gradient g (buffers reused)
-        self.grad_stats = None
+        # Per-step tensors live in the step state (see sam.py's note on torch.compile):
+        # "first_grads": parameter -> copy of its first-pass gradient g (buffers reused);
+        # "grad_stats": (<g, g_p>, ||g||^2, ||g_p||^2) of the last SAM step.
+        self._step_state.variant.update(first_grads={}, grad_stats=None)
+
+    @property
+    def _first_grads(self) -> dict:
+        return self._step_state.variant.setdefault("first_grads", {})
+
+    @property
+    def grad_stats(self):
+        """``(<g, g_p>, ||g||^2, ||g_p||^2)`` of the last SAM step, fp32 on the device (None before one)."""
+        return self._step_state.variant.get("grad_stats")
 
     def first_step(self, zero_grad: bool = False) -> None:
         """SAM's ``first_step``, keeping a copy of ``g`` for the decomposition in ``second_step``."""
@@ -73,9 +86,10 @@ class GSAM(SAM):
                 resolve_for(self.backend, op, buckets_of(params))
         super().first_step(zero_grad=False)
         if not self._step_state.cheap_pending:
-            self._first_grads = copy_grads_to_buffers(self.backend, list(self._perturbed), self._first_grads)
+            self._step_state.variant["first_grads"] = copy_grads_to_buffers(self.backend, list(self._perturbed),
+                                                                            self._first_grads)
         if zero_grad:
-            self.zero_grad()
+            self._clear_grads()
 
     def _before_base_step(self, sam_step: bool) -> None:
         check_alpha(self.alpha)
@@ -93,9 +107,9 @@ class GSAM(SAM):
             stats = part if stats is None else stats + part.to(stats.device, non_blocking=True)
         # A sum, like the squared norm: the same cross-process reduction applies.
         stats = self._reduce_sq_norm(stats)
-        self.grad_stats = stats
+        self._step_state.variant["grad_stats"] = stats
         for (device, dtype), ps in buckets.items():
             combines[(device, dtype)]([p.grad for p in ps], [self._first_grads[p] for p in ps],
                                       stats.to(device, non_blocking=True), self.alpha)
 
-    _PICKLED = SAM._PICKLED + ("alpha", "_first_grads", "grad_stats")
+    _PICKLED = SAM._PICKLED + ("alpha",)

@@ -70,6 +70,8 @@ class LookSAM(SAM):
     SAM step.
     """
 
+    _supports_sharded_params = False  # not shard-aware yet (see fastsam/optim/_sharding.py)
+
     def __init__(self, params, base_optimizer, rho: float = 0.05, k: int = 5, alpha: float = 0.7,
                  adaptive: bool = False, **kwargs):
         if "every" in kwargs:
@@ -83,8 +85,8 @@ class LookSAM(SAM):
         self.alpha = float(alpha)
         # parameter -> buffer: g during a SAM step, g_v after it. _gv_sq_norm is ||g_v||^2 on the
         # device, or None while there is no usable g_v (before the first SAM step, during one).
-        self._gv: dict = {}
-        self._gv_sq_norm: torch.Tensor | None = None
+        # g_v and its squared norm live in the step state (see sam.py's note on torch.compile).
+        self._step_state.variant.update(gv={}, gv_sq_norm=None)
 
     @property
     def k(self) -> int:
@@ -107,10 +109,22 @@ class LookSAM(SAM):
         super().first_step(zero_grad=False)
         if not self._step_state.cheap_pending:
             # g goes into the g_v buffers, where looksam_orthogonal_ turns it into g_v in place.
-            self._gv = copy_grads_to_buffers(self.backend, list(self._perturbed), self._gv)
-            self._gv_sq_norm = None
+            self._set_gv(copy_grads_to_buffers(self.backend, list(self._perturbed), self._gv), None)
         if zero_grad:
-            self.zero_grad()
+            self._clear_grads()
+
+    @property
+    def _gv(self) -> dict:
+        """Parameter -> its stored g_v (the orthogonal component of the last SAM step)."""
+        return self._step_state.variant.setdefault("gv", {})
+
+    @property
+    def _gv_sq_norm(self):
+        return self._step_state.variant.get("gv_sq_norm")
+
+    def _set_gv(self, gv: dict, sq_norm) -> None:
+        self._step_state.variant["gv"] = gv
+        self._step_state.variant["gv_sq_norm"] = sq_norm
 
     def _before_base_step(self, sam_step: bool) -> None:
         check_alpha(self.alpha)
@@ -122,7 +136,7 @@ class LookSAM(SAM):
     def _store_orthogonal_component(self) -> None:
         params = [p for p in self._perturbed if p.grad is not None]
         reject_sparse(type(self).__name__, params)
-        self._gv = {p: self._gv[p] for p in params}
+        self._step_state.variant["gv"] = {p: self._gv[p] for p in params}
         if not params:
             return
         buckets = buckets_of(params)
@@ -139,7 +153,7 @@ class LookSAM(SAM):
             part = orthogonals[(device, dtype)](bufs, [p.grad for p in ps], bufs,
                                                 stats.to(device, non_blocking=True))
             sq_norm = part if sq_norm is None else sq_norm + part.to(sq_norm.device, non_blocking=True)
-        self._gv_sq_norm = self._reduce_sq_norm(sq_norm)
+        self._step_state.variant["gv_sq_norm"] = self._reduce_sq_norm(sq_norm)
 
     def _reuse_orthogonal_component(self) -> None:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -185,7 +199,7 @@ class LookSAM(SAM):
         super()._load_extra_state(extra)
         saved = extra.get("looksam_gv")
         if saved is None or extra.get("looksam_gv_sq_norm") is None:
-            self._gv, self._gv_sq_norm = {}, None
+            self._set_gv({}, None)
             return
         params = self._param_list()
         gv = {}
@@ -193,8 +207,7 @@ class LookSAM(SAM):
             p = params[int(i)]
             # Own copies on the parameter's device and dtype: the loaded dict may be reused or freed.
             gv[p] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(t)
-        self._gv = gv
-        self._gv_sq_norm = extra["looksam_gv_sq_norm"].detach().to(device=params[0].device,
-                                                                   dtype=torch.float32).clone()
+        self._set_gv(gv, extra["looksam_gv_sq_norm"].detach().to(device=params[0].device,
+                                                                   dtype=torch.float32).clone())
 
-    _PICKLED = SAM._PICKLED + ("alpha", "_gv", "_gv_sq_norm")
+    _PICKLED = SAM._PICKLED + ("alpha",)

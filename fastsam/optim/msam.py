@@ -74,6 +74,8 @@ class MSAM(SAM):
     keeps (rank 0's buffers are broadcast at every forward).
     """
 
+    _supports_sharded_params = False  # not shard-aware yet (see fastsam/optim/_sharding.py)
+
     def __init__(self, params, base_optimizer, rho: float = 0.05, micro_batches: int = 4, adaptive: bool = False,
                  *, model=None, **kwargs):
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:

@@ -31,6 +31,7 @@ from fastsam import ops
 from fastsam.distributed import check_dp_perturbation
 from fastsam.ops.grad_norm import check_mode
 
+from . import _sharding
 from .base_step import fused_base_step_for
 
 
@@ -63,11 +64,19 @@ class _StepState:
     perturbation_skipped: torch.Tensor | None = None
     step_count: int = 0  # completed steps, SAM and cheap (interval SAM); saved in state_dict()
     cheap_pending: bool = False  # first_step/second_step of a step that perturbs nothing
+    variant: dict = field(default_factory=dict)  # subclasses' per-step tensors (GSAM's g, LookSAM's g_v)
 
 
 def _check_every(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _scale_of(grad_scaler):
+    """A GradScaler's current scale as a device tensor (no host sync), or None when it is disabled."""
+    if not grad_scaler.is_enabled():
+        return None
+    return grad_scaler._get_scale_async()  # the scale tensor itself; get_scale() would sync
 
 
 def _check_nonneg(name: str, value) -> None:
@@ -166,6 +175,10 @@ class SAM(torch.optim.Optimizer):
         self._backups: dict = {}
         self._step_state = _StepState()
         self._every = int(every)
+        self._shard_groups = _sharding.shard_groups(self._param_list())
+        if self._shard_groups and not self._supports_sharded_params:
+            raise NotImplementedError(f"{type(self).__name__} does not support sharded (FSDP/DTensor) parameters yet; "
+                                      "SAM, ASAM and FisherSAM do")
 
     @property
     def grad_norm(self) -> torch.Tensor | None:
@@ -192,8 +205,22 @@ class SAM(torch.optim.Optimizer):
         return 1.0, 0, offset
 
     def _reduce_sq_norm(self, sq_norm: torch.Tensor) -> torch.Tensor:
-        """Combine the local squared norm across processes (identity unless distributed)."""
+        """Combine per-rank partial sums across processes: sharded (FSDP) parameters only.
+
+        Replicated data parallelism needs nothing here: with DDP the gradients are already averaged
+        (global perturbation) or deliberately local (``dp_perturbation="local"``).
+        """
+        if self._shard_groups:
+            return _sharding.all_reduce_sum_(sq_norm, self._shard_groups)
         return sq_norm
+
+    # GradScaler protocol: ``scaler.step(opt)`` sets ``opt.grad_scale`` / ``opt.found_inf`` (device
+    # tensors) and calls ``opt.step()``, which finishes the SAM step: the fused base step unscales and
+    # skips on the device, so AMP adds no host sync (see ``second_step``).
+    _step_supports_amp_scaling = True
+    # FSDP: SAM, ASAM and FisherSAM run on local shards; variants with extra per-step buffers opt in
+    # once they do too.
+    _supports_sharded_params = True
 
     def _before_base_step(self, sam_step: bool) -> None:
         """Rewrite ``.grad`` into the update direction just before the restore and base step.
@@ -272,15 +299,23 @@ class SAM(torch.optim.Optimizer):
 
     def _backup_for(self, p: torch.Tensor) -> torch.Tensor:
         b = self._backups.get(p)
-        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-            b = self._backups[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        w = self._local(p)
+        if b is None or b.shape != w.shape or b.dtype != w.dtype or b.device != w.device:
+            b = self._backups[p] = torch.empty_like(w, memory_format=torch.preserve_format)
         return b
+
+    def _local(self, t):
+        """The tensor the ops work on: this rank's shard for FSDP/DTensor parameters, else ``t``."""
+        return _sharding.local(t) if self._shard_groups else t
+
+    def _locals(self, ts) -> list:
+        return _sharding.local_list(ts) if self._shard_groups else ts
 
     def _global_norm(self, buckets: list[_Bucket]) -> torch.Tensor:
         total = None
         for b in buckets:
             _, fn = ops.resolve("grad_norm", self.backend, b.device, b.dtype)
-            part = fn(b.grads, b.params, b.mode, b.eta)
+            part = fn(self._locals(b.grads), self._locals(b.params), b.mode, b.eta)
             total = part if total is None else total + part.to(total.device, non_blocking=True)
         return self._reduce_sq_norm(total).sqrt()
 
@@ -291,15 +326,21 @@ class SAM(torch.optim.Optimizer):
             backups = [self._backup_for(p) for p in b.params]
             beta, seed, start = self._swp_args(b, offset)
             _, fn = ops.resolve("perturb", self.backend, b.device, b.dtype)
-            fn(b.params, b.grads, backups, norm.to(b.device, non_blocking=True), b.rho, b.mode, b.eta,
-               self.perturb_eps, beta, seed, start)
+            fn(self._locals(b.params), self._locals(b.grads), backups, norm.to(b.device, non_blocking=True), b.rho,
+               b.mode, b.eta, self.perturb_eps, beta, seed, start)
             offset += sum(p.numel() for p in b.params)
             perturbed.update(zip(b.params, backups))
         self._step_state.perturbed = perturbed
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Compute the global norm, back the weights up and move them to ``w + e``."""
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
+        """Compute the global norm, back the weights up and move them to ``w + e``.
+
+        ``grad_scaler``: the ``torch.amp.GradScaler`` (or its scale, a device tensor) that scaled the
+        first-pass loss. The gradients are then unscaled in place, on the device, before perturbing.
+        SAM's and ASAM's directions do not depend on the scale, so they do not need it; Fisher SAM's
+        ``1 + eta g^2`` does. Non-finite gradients skip the perturbation either way.
+        """
         if self._perturbed is not None:
             raise RuntimeError(f"{type(self).__name__}.first_step() was called twice without second_step(); "
                                "call second_step() (or restore()) before perturbing again")
@@ -311,6 +352,8 @@ class SAM(torch.optim.Optimizer):
             return
         self._step_state.cheap_pending = False
         buckets = self._perturbation_buckets()
+        if grad_scaler is not None and buckets:
+            self._unscale_first_pass(buckets, grad_scaler)
         st = self._step_state
         if not buckets:  # no gradients at all: nothing to perturb, second_step is a plain base step
             st.perturbed, st.grad_norm, st.perturbation_skipped = {}, None, None
@@ -322,6 +365,13 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self._clear_grads()
 
+    def _unscale_first_pass(self, buckets: list[_Bucket], grad_scaler) -> None:
+        scale = grad_scaler if isinstance(grad_scaler, torch.Tensor) else _scale_of(grad_scaler)
+        if scale is None:  # a disabled scaler
+            return
+        for b in buckets:
+            torch._foreach_div_(self._locals(b.grads), scale.to(b.device, non_blocking=True))
+
     @torch.no_grad()
     def restore(self) -> bool:
         """Undo ``first_step``'s perturbation without stepping. Returns whether anything was restored."""
@@ -332,7 +382,7 @@ class SAM(torch.optim.Optimizer):
         buckets: dict[tuple, tuple[list, list]] = {}
         for p, b in perturbed.items():
             ps, bs = buckets.setdefault((p.device, p.dtype), ([], []))
-            ps.append(p)
+            ps.append(self._local(p))
             bs.append(b)
         for (device, dtype), (ps, bs) in buckets.items():
             _, fn = ops.resolve("restore", self.backend, device, dtype)
@@ -354,7 +404,7 @@ class SAM(torch.optim.Optimizer):
             raise
         if self._fused_base is None:
             self.restore()
-            self.base_optimizer.step()
+            self._generic_base_step()
         else:
             self._fused_second_step()
         self._step_state.perturbed = None
@@ -391,6 +441,26 @@ class SAM(torch.optim.Optimizer):
         for group, ps, gs, bs in plan:
             self._fused_base.step_bucket(self, group, ps, gs, bs, self.backend, grad_scale, found_inf)
 
+    def _generic_base_step(self) -> None:
+        """The base optimizer's own ``step()``, unscaling and skipping for a GradScaler first.
+
+        Without a fused path the skip is a host decision: it reads ``found_inf`` once, which is the
+        same synchronisation ``GradScaler.step`` makes for any optimizer it has to unscale itself.
+        """
+        grad_scale, found_inf = self._amp_scale_args()
+        if grad_scale is not None:
+            grads: dict = {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        g = self._local(p.grad)
+                        grads.setdefault((g.device, g.dtype), []).append(g)
+            for (device, _), gs in grads.items():
+                torch._foreach_div_(gs, grad_scale.to(device, non_blocking=True))
+        if found_inf is not None and bool(found_inf.item()):
+            return
+        self.base_optimizer.step()
+
     def _clear_grads(self) -> None:
         """``zero_grad(set_to_none=True)`` without leaving a compiled region.
 
@@ -402,8 +472,16 @@ class SAM(torch.optim.Optimizer):
                 p.grad = None
 
     def _amp_scale_args(self):
-        """(grad_scale, found_inf) device tensors for the fused base step, when a GradScaler set them."""
-        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        """(grad_scale, found_inf) device tensors for the base step, when a GradScaler set them.
+
+        A first pass that overflowed (perturbation skipped) also skips the update: the second pass
+        then ran at the unperturbed weights, which is not a SAM step.
+        """
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        skipped = self._step_state.perturbation_skipped
+        if found_inf is not None and skipped is not None:
+            found_inf = torch.maximum(found_inf, skipped.to(device=found_inf.device, dtype=found_inf.dtype))
+        return grad_scale, found_inf
 
     def _mark_stepped(self) -> None:
         # LR schedulers warn when optimizer.step() was never called; the two-call form counts as a step.
@@ -419,6 +497,11 @@ class SAM(torch.optim.Optimizer):
         ``.grad``, and the return value is None.
         """
         if closure is None:
+            if self._perturbed is not None or not self.needs_second_pass:
+                # After first_step (e.g. through GradScaler.step, which passes no closure) or on a
+                # cheap step: finish the step.
+                self.second_step()
+                return None
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure that recomputes the loss and its "
                                "gradients at the perturbed weights (or call first_step() and second_step())")
         if not self.needs_second_pass:
@@ -485,6 +568,7 @@ class SAM(torch.optim.Optimizer):
             self._step_state = _StepState()
         self.__dict__.setdefault("_every", 1)  # pickled before interval SAM existed
         self._backups = dict(self._step_state.perturbed or {})
+        self._shard_groups = _sharding.shard_groups(self._param_list()) if "param_groups" in self.__dict__ else []
         if "base_optimizer" in self.__dict__:
             self.base_optimizer.state = self.state
             self.base_optimizer.param_groups = self.param_groups
