@@ -66,7 +66,9 @@ class FusedSGDStep(FusedBaseStep):
             for i in idx:
                 st = opt.state[params[i]]
                 if first:
-                    st["momentum_buffer"] = torch.empty_like(params[i], memory_format=torch.preserve_format)
+                    # Zeros, not empty: if a GradScaler skips this first step on the device, the
+                    # buffer must still hold a valid (fresh) momentum for the next one.
+                    st["momentum_buffer"] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
                 bufs.append(st["momentum_buffer"])
             ops.restore_sgd_step_(_local([params[i] for i in idx]), _local([grads[i] for i in idx]),
                                   _local([backups[i] for i in idx]), _local(bufs), is_first_step=first, **kw)

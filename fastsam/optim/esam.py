@@ -198,13 +198,13 @@ class ESAM(SAM):
         return out
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
         """SWP perturbation ``w -> w + e`` from the gradients in ``.grad`` (see the module docstring)."""
         if self._perturbed is not None:
-            super().first_step(zero_grad)  # raises the "called twice" error
+            super().first_step(zero_grad, grad_scaler=grad_scaler)  # raises the "called twice" error
         self._current_draw = self.swp_draw()
         try:
-            super().first_step(zero_grad)
+            super().first_step(zero_grad, grad_scaler=grad_scaler)
         finally:
             draw, self._current_draw = self._current_draw, None
         # Only a perturbation that happened consumes a draw (a rejected step leaves the stream as it was).

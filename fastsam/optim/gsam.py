@@ -21,6 +21,8 @@ No host synchronisation: every scalar stays on the device.
 
 from __future__ import annotations
 
+import torch
+
 from fastsam.ops.gsam_combine import check_alpha
 
 from ._variant_utils import (buckets_of, check_ops_registered, copy_grads_to_buffers, materialize_params,
@@ -76,7 +78,7 @@ class GSAM(SAM):
         """``(<g, g_p>, ||g||^2, ||g_p||^2)`` of the last SAM step, fp32 on the device (None before one)."""
         return self._step_state.variant.get("grad_stats")
 
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
         """SAM's ``first_step``, keeping a copy of ``g`` for the decomposition in ``second_step``."""
         check_alpha(self.alpha)  # before anything changes
         if self.needs_second_pass and self._perturbed is None:
@@ -84,10 +86,12 @@ class GSAM(SAM):
             params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
             for op in _OPS:
                 resolve_for(self.backend, op, buckets_of(params))
-        super().first_step(zero_grad=False)
+        super().first_step(zero_grad=False, grad_scaler=grad_scaler)
         if not self._step_state.cheap_pending:
             self._step_state.variant["first_grads"] = copy_grads_to_buffers(self.backend, list(self._perturbed),
                                                                             self._first_grads)
+            # Which loss scale the copy of g carries: none if first_step unscaled it, else the scaler's.
+            self._step_state.variant["first_pass_unscaled"] = grad_scaler is not None
         if zero_grad:
             self._clear_grads()
 
@@ -101,6 +105,7 @@ class GSAM(SAM):
             return
         buckets = buckets_of(params)
         dots, combines = (resolve_for(self.backend, op, buckets) for op in _OPS)
+        self._match_loss_scales(buckets)
         stats = None
         for key, ps in buckets.items():
             part = dots[key]([self._first_grads[p] for p in ps], [p.grad for p in ps])
@@ -111,5 +116,32 @@ class GSAM(SAM):
         for (device, dtype), ps in buckets.items():
             combines[(device, dtype)]([p.grad for p in ps], [self._first_grads[p] for p in ps],
                                       stats.to(device, non_blocking=True), self.alpha)
+
+    def _match_loss_scales(self, buckets) -> None:
+        """Make g and g_p carry the same GradScaler scale before they are mixed.
+
+        ``g_p - alpha * g_perp`` is only right when both gradients have the same scale. Under a
+        GradScaler the second-pass gradient is either still scaled (``scaler.step`` hands the scale
+        over as ``self.grad_scale``) or already unscaled (``scaler.unscale_`` before clipping), and the
+        copy of g is scaled unless ``first_step(grad_scaler=...)`` unscaled it.
+        """
+        if getattr(self, "found_inf", None) is None:
+            return  # no GradScaler drives this step
+        first_unscaled = self._step_state.variant.get("first_pass_unscaled", False)
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None and first_unscaled:
+            for (device, _), ps in buckets.items():  # bring g_p to the true scale too, on the device
+                torch._foreach_div_([p.grad for p in ps], grad_scale.to(device, non_blocking=True))
+            self._step_state.variant["grads_unscaled"] = True  # the base step must not unscale again
+        elif grad_scale is None and not first_unscaled:
+            raise ValueError("GSAM under a GradScaler with scaler.unscale_() before scaler.step(): pass "
+                             "grad_scaler=scaler to first_step() as well, so that both passes' gradients are "
+                             "unscaled before they are combined")
+
+    def _amp_scale_args(self):
+        grad_scale, found_inf = super()._amp_scale_args()
+        if self._step_state.variant.pop("grads_unscaled", False):
+            grad_scale = None
+        return grad_scale, found_inf
 
     _PICKLED = SAM._PICKLED + ("alpha",)

@@ -98,7 +98,7 @@ class LookSAM(SAM):
         _check_every("k", value)
         self.every = value
 
-    def first_step(self, zero_grad: bool = False) -> None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
         """SAM's ``first_step`` on SAM steps (keeping ``g``); nothing on cheap steps."""
         check_alpha(self.alpha)  # before anything changes
         if self.needs_second_pass and self._perturbed is None:
@@ -106,7 +106,9 @@ class LookSAM(SAM):
             params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
             for op in _SAM_STEP_OPS:
                 resolve_for(self.backend, op, buckets_of(params))
-        super().first_step(zero_grad=False)
+        # g_v = g_s - (<g, g_s>/||g||^2) g carries g_s's scale whatever g's, and cheap steps use
+        # g_v / ||g_v||: LookSAM is loss-scale consistent with or without grad_scaler here.
+        super().first_step(zero_grad=False, grad_scaler=grad_scaler)
         if not self._step_state.cheap_pending:
             # g goes into the g_v buffers, where looksam_orthogonal_ turns it into g_v in place.
             self._set_gv(copy_grads_to_buffers(self.backend, list(self._perturbed), self._gv), None)

@@ -1,0 +1,75 @@
+"""fastsam in a PyTorch Lightning module (manual optimization), if Lightning is installed.
+
+    pip install lightning
+    python examples/sam_lightning.py --max-steps 50
+
+SAM needs two forward/backward passes per step, so the module turns automatic optimization off and
+drives ``first_step`` / ``second_step`` itself (``self.manual_backward`` keeps Lightning's precision
+and strategy plugins in the loop).
+"""
+
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastsam
+
+try:
+    import lightning as L
+except ImportError:  # pragma: no cover - the example is optional
+    L = None
+
+
+def build_module():
+    class SAMClassifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.net = nn.Sequential(nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 2))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            opt = self.optimizers().optimizer  # the fastsam optimizer behind Lightning's wrapper
+            loss = F.cross_entropy(self.net(x), y)
+            self.manual_backward(loss)
+            opt.first_step(zero_grad=True)
+            with fastsam.frozen_running_stats(self.net):
+                self.manual_backward(F.cross_entropy(self.net(x), y))
+            opt.second_step(zero_grad=True)
+            self.lr_schedulers().step()
+            self.log("train_loss", loss, prog_bar=True)
+            return loss
+
+        def configure_optimizers(self):
+            opt = fastsam.SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
+            return {"optimizer": opt, "lr_scheduler": sched}
+
+    return SAMClassifier()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-steps", type=int, default=50)
+    args = ap.parse_args(argv)
+    if L is None:
+        raise SystemExit("this example needs Lightning: pip install lightning")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=gen)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
+    module = build_module()
+    trainer = L.Trainer(max_steps=args.max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False)
+    trainer.fit(module, loader)
+    module.eval()
+    with torch.no_grad():
+        acc = (module.net(x).argmax(1) == y).float().mean().item()
+    print(f"Lightning + fastsam.SAM: train accuracy {acc:.3f} after {args.max_steps} steps")
+    return acc
+
+
+if __name__ == "__main__":
+    main()
