@@ -100,3 +100,14 @@ def grad_sq_norm_torch(grads, params, mode: str, eta: float) -> torch.Tensor:
             grads, params = [pack_fp32(grads)], [pack_fp32(params)]
         norms = torch._foreach_norm(scaled_grads_torch(grads, params, mode, eta), 2, dtype=FP32)
     return torch.stack(norms).square().sum()
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("grad_norm", "triton")
+def grad_sq_norm_triton(grads, params, mode: str, eta: float) -> torch.Tensor:
+    from fastsam.kernels import grad_norm as kernels  # imported on first use: triton is optional
+
+    return kernels.grad_sq_norm_entry(grads, params, mode, eta)

@@ -107,3 +107,14 @@ def perturb_torch(params, grads, backups, norm, rho, mode, eta, eps, beta, seed,
     add_scaled_or_skip_(work_w, d, scale, skip)
     if low:
         unpack_into_(params, work_w[0])
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("perturb", "triton")
+def perturb_triton(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, offset) -> None:
+    from fastsam.kernels import perturb as kernels  # imported on first use: triton is optional
+
+    kernels.perturb_entry(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, offset)

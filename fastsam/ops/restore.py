@@ -31,3 +31,14 @@ def restore_(params: list[torch.Tensor], backups: list[torch.Tensor], *, backend
 def restore_torch(params, backups) -> None:
     if params:
         torch._foreach_copy_(params, backups)
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("restore", "triton")
+def restore_triton(params, backups) -> None:
+    from fastsam.kernels import restore as kernels  # imported on first use: triton is optional
+
+    kernels.restore_entry(params, backups)

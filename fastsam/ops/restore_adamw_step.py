@@ -105,3 +105,16 @@ def _adamw_step_foreach_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         pairs = [(p, w), (exp_avgs[i], m), (exp_avg_sqs[i], v)] + ([(max_exp_avg_sqs[i], vmax)] if amsgrad else [])
         for dst, src in pairs:
             dst.copy_(src if keep is None else torch.where(keep, src.to(dst.dtype), dst))
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("restore_adamw_step", "triton")
+def restore_adamw_step_triton(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
+                              beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf) -> None:
+    from fastsam.kernels import restore_adamw_step as kernels  # imported on first use: triton is optional
+
+    kernels.restore_adamw_step_entry(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                                     lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf)

@@ -117,3 +117,16 @@ def _sgd_step_foreach_(params, grads, bufs, lr, momentum, dampening, nesterov, w
         p.copy_(new_w[i] if keep is None else torch.where(keep, new_w[i], p))
         if new_bufs is not None:
             bufs[i].copy_(new_bufs[i] if keep is None else torch.where(keep, new_bufs[i], bufs[i]))
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("restore_sgd_step", "triton")
+def restore_sgd_step_triton(params, grads, backups, momentum_buffers, lr, momentum, dampening, nesterov,
+                            weight_decay, maximize, is_first_step, grad_scale, found_inf) -> None:
+    from fastsam.kernels import restore_sgd_step as kernels  # imported on first use: triton is optional
+
+    kernels.restore_sgd_step_entry(params, grads, backups, momentum_buffers, lr, momentum, dampening, nesterov,
+                                   weight_decay, maximize, is_first_step, grad_scale, found_inf)

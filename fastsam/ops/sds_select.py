@@ -84,3 +84,21 @@ def sds_select_torch(loss_before, loss_after, k: int) -> torch.Tensor:
 @register("sds_weights", "torch")
 def sds_weights_torch(loss_before, loss_after, temperature: float) -> torch.Tensor:
     return torch.softmax(sharpness_fp32(loss_before, loss_after) / temperature, dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("sds_select", "triton")
+def sds_select_triton(loss_before, loss_after, k: int) -> torch.Tensor:
+    from fastsam.kernels import sds_select as kernels  # imported on first use: triton is optional
+
+    return kernels.sds_select_entry(loss_before, loss_after, k)
+
+
+@register("sds_weights", "triton")
+def sds_weights_triton(loss_before, loss_after, temperature: float) -> torch.Tensor:
+    from fastsam.kernels import sds_weights as kernels  # imported on first use: triton is optional
+
+    return kernels.sds_weights_entry(loss_before, loss_after, temperature)
