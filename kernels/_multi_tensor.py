@@ -28,7 +28,8 @@ one step before capturing). A new table is copied from pinned memory with ``non_
 Tensors must be dense; tensors of one index must share their memory layout (all contiguous, or
 the same strides of a non-overlapping dense layout, such as channels_last), because the kernels
 walk memory order. Other layouts go through contiguous temporaries that are copied back: correct,
-one extra copy per such tensor.
+one extra copy per such tensor. SWP numbers elements in row-major order, so a masked perturbation
+walks only contiguous tensors in place.
 """
 
 from __future__ import annotations
@@ -101,13 +102,16 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def dense_lists(lists: list[list[torch.Tensor]], mutated: tuple[int, ...] = (), address_only: tuple[int, ...] = ()):
+def dense_lists(lists: list[list[torch.Tensor]], mutated: tuple[int, ...] = (), address_only: tuple[int, ...] = (),
+                logical_order: bool = False):
     """Make the parallel ``lists`` kernel-ready: drop empty tensors, fix unusual layouts.
 
     Returns ``(lists, write_back)``: the lists the kernel may walk in memory order, and the
     ``(original, temporary)`` pairs whose temporaries must be copied back after the launch (only
     for lists in ``mutated`` whose tensors needed a contiguous temporary). Lists in
     ``address_only`` (one-element tensors such as step counters) are passed through unchanged.
+    ``logical_order`` asks for row-major element order (SWP counters number elements that way), so
+    only contiguous tensors are walked in place.
     """
     n = len(lists[0])
     for lst in lists:
@@ -125,8 +129,8 @@ def dense_lists(lists: list[list[torch.Tensor]], mutated: tuple[int, ...] = (), 
                                  f"{tuple(group[0].shape)} on {device} and {tuple(t.shape)} on {t.device}")
         if numel == 0:
             continue
-        same_layout = all(t.is_contiguous() for t in group) or (
-            _dense(group[0]) and all(t.stride() == group[0].stride() for t in group))
+        same_layout = all(t.is_contiguous() for t in group) or (not logical_order and (
+            _dense(group[0]) and all(t.stride() == group[0].stride() for t in group)))
         for li in range(len(lists)):
             t = lists[li][i]
             if not same_layout and li not in address_only:
@@ -187,40 +191,28 @@ def clear_tables() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Device-side helpers shared by the kernels (inlined by Triton).
-
-@triton.jit
-def block_coords(meta, n_tensors, N_LISTS: tl.constexpr, BLOCK: tl.constexpr):
-    """(tensor index, its element count, first element of this program's block) for this program."""
-    pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(meta + (N_LISTS + 3) * n_tensors + pid)
-    numel = tl.load(meta + N_LISTS * n_tensors + t)
-    first_block = tl.load(meta + (N_LISTS + 2) * n_tensors + t)
-    return t, numel, (pid - first_block) * BLOCK
-
-
-@triton.jit
-def list_pointer(meta, n_tensors, t, which: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Typed pointer to tensor ``t`` of list ``which``."""
-    ptr = tl.load(meta + which * n_tensors + t).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
-
-
-@triton.jit
-def element_start(meta, n_tensors, t, N_LISTS: tl.constexpr):
-    """Index of tensor ``t``'s first element in the bucket's running element count."""
-    return tl.load(meta + (N_LISTS + 1) * n_tensors + t)
+# [note: the kernels' preamble]
+# Every elementwise kernel starts by locating its block in the table, written out inline:
+#
+#     pid = tl.program_id(0).to(tl.int64)
+#     t = tl.load(meta + (N_LISTS + 3) * n_tensors + pid)              # the tensor of this block
+#     numel = tl.load(meta + N_LISTS * n_tensors + t)
+#     start = (pid - tl.load(meta + (N_LISTS + 2) * n_tensors + t)) * BLOCK
+#     x_ptr = tl.multiple_of(tl.load(meta + l * n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
+#
+# then runs its body once, in a branch that is either a full block (a constant all-true mask, so
+# loads vectorise) or the tensor's last block (``offs < numel``). The preamble is inline rather
+# than in shared @triton.jit helpers because the interpreter pays about half a millisecond per
+# helper call and program, which made CPU tests of the optimizers several times slower; compiled
+# kernels inline helpers anyway, so the GPU code is the same. For the same reason a scalar flag
+# is broadcast inline with ``tl.where(flag, tl.full([BLOCK], 1, tl.int32), 0) != 0``:
+#
+# [note: scalar conditions under the interpreter]
+# The Triton interpreter (3.6-3.9) types a scalar comparison by its operands (fp32 for
+# ``norm < inf``), so broadcasting it against a block mask turns it into floats and ``mask & flag``
+# fails. Going through ``tl.where`` yields a real boolean block in both modes, at no cost on a GPU.
 
 
-@triton.jit
-def splat_flag(flag, BLOCK: tl.constexpr):
-    """A scalar condition as a ``[BLOCK]`` boolean block.
-
-    [note: scalar conditions under the interpreter]
-    The Triton interpreter (3.6-3.9) types a scalar comparison by its operands (fp32 for
-    ``norm < inf``), so broadcasting it against a block mask turns it into floats and ``mask & flag``
-    fails. Going through ``tl.where`` yields a real boolean block in both modes, at no cost on a GPU.
-    """
-    return tl.where(flag, tl.full([BLOCK], 1, tl.int32), 0) != 0
+def alignment(tab: Table) -> int:
+    """The ``ALIGN`` constexpr for a table: 16 when every address allows 128-bit accesses, else 1."""
+    return ALIGNMENT if tab.aligned else 1

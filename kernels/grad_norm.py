@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import block_coords, block_size, dense_lists, launch, list_pointer, table, tl_dtype
+from ._multi_tensor import alignment, block_size, dense_lists, launch, table, tl_dtype
 
 MODES = {"plain": 0, "adaptive": 1, "fisher": 2}
 REDUCE_BLOCK = 1024
@@ -41,11 +41,15 @@ def _sq_terms(g_ptr, w_ptr, offs, mask, eta, MODE: tl.constexpr):
 
 @triton.jit
 def grad_sq_norm_partials_kernel(meta, n_tensors, partials, eta, DTYPE: tl.constexpr, MODE: tl.constexpr,
-                                 N_LISTS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, numel, start = block_coords(meta, n_tensors, N_LISTS, BLOCK)
-    g_ptr = list_pointer(meta, n_tensors, t, 0, DTYPE, ALIGNED)
+                                 N_LISTS: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    # Locate this program's block (see _multi_tensor's note on the preamble).
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(meta + (N_LISTS + 3) * n_tensors + pid)
+    numel = tl.load(meta + N_LISTS * n_tensors + t)
+    start = (pid - tl.load(meta + (N_LISTS + 2) * n_tensors + t)) * BLOCK
+    g_ptr = tl.multiple_of(tl.load(meta + t).to(tl.pointer_type(DTYPE)), ALIGN)
     if MODE == 1:
-        w_ptr = list_pointer(meta, n_tensors, t, 1, DTYPE, ALIGNED)
+        w_ptr = tl.multiple_of(tl.load(meta + n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
     else:
         w_ptr = g_ptr  # not read
     offs = start + tl.arange(0, BLOCK)
@@ -53,7 +57,7 @@ def grad_sq_norm_partials_kernel(meta, n_tensors, partials, eta, DTYPE: tl.const
         part = _sq_terms(g_ptr, w_ptr, offs, tl.full([BLOCK], 1, tl.int1), eta, MODE)
     else:
         part = _sq_terms(g_ptr, w_ptr, offs, offs < numel, eta, MODE)
-    tl.store(partials + tl.program_id(0), part)
+    tl.store(partials + pid, part)
 
 
 @triton.jit
@@ -79,7 +83,7 @@ def grad_sq_norm(grads: list[torch.Tensor], params: list[torch.Tensor], mode: st
     tab = table(lists, block)
     partials = torch.empty(tab.n_blocks, dtype=torch.float32, device=device)
     launch(grad_sq_norm_partials_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, partials, float(eta),
-           DTYPE=tl_dtype(grads[0].dtype), MODE=mode_id, N_LISTS=len(lists), ALIGNED=tab.aligned, BLOCK=block)
+           DTYPE=tl_dtype(grads[0].dtype), MODE=mode_id, N_LISTS=len(lists), ALIGN=alignment(tab), BLOCK=block)
     launch(sum_partials_kernel, (1,), partials, tab.n_blocks, out, BLOCK=REDUCE_BLOCK)
     return out
 
@@ -87,14 +91,16 @@ def grad_sq_norm(grads: list[torch.Tensor], params: list[torch.Tensor], mode: st
 # ------------------------------------------------------------------------------------------------
 # torch.library registration: torch.compile sees one opaque op (the pointer tables are built from
 # data_ptr() on the host, which tracing cannot follow), with a fake implementation for shapes.
+# The norm geometry is called ``geometry`` in the schemas: an argument named ``mode`` collides with
+# a parameter of torch's auto_functionalize machinery (torch 2.13), which breaks mutating ops.
 
 @torch.library.custom_op("fastsam::grad_sq_norm_triton", mutates_args=())
-def grad_sq_norm_op(grads: list[torch.Tensor], params: list[torch.Tensor], mode: str, eta: float) -> torch.Tensor:
-    return grad_sq_norm(grads, params, mode, eta)
+def grad_sq_norm_op(grads: list[torch.Tensor], params: list[torch.Tensor], geometry: str, eta: float) -> torch.Tensor:
+    return grad_sq_norm(grads, params, geometry, eta)
 
 
 @grad_sq_norm_op.register_fake
-def _(grads, params, mode, eta):
+def _(grads, params, geometry, eta):
     return grads[0].new_empty((), dtype=torch.float32)
 
 

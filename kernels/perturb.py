@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (block_coords, block_size, copy_back, dense_lists, element_start, launch, list_pointer,
-                            splat_flag, table, tl_dtype)
+from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
 from .grad_norm import MODES
 
 N_LISTS = 3  # params, grads, backups
@@ -47,19 +46,24 @@ def _perturb_block(w_ptr, g_ptr, b_ptr, offs, mask, counters, scale, finite, eta
 
 @triton.jit
 def perturb_kernel(meta, n_tensors, norm_ptr, rho, eta, eps, beta, seed, offset, DTYPE: tl.constexpr,
-                   MODE: tl.constexpr, SWP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, numel, start = block_coords(meta, n_tensors, 3, BLOCK)
-    w_ptr = list_pointer(meta, n_tensors, t, 0, DTYPE, ALIGNED)
-    g_ptr = list_pointer(meta, n_tensors, t, 1, DTYPE, ALIGNED)
-    b_ptr = list_pointer(meta, n_tensors, t, 2, DTYPE, ALIGNED)
+                   MODE: tl.constexpr, SWP: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    # Locate this program's block (see _multi_tensor's note on the preamble); lists: w, g, backup.
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(meta + 6 * n_tensors + pid)
+    numel = tl.load(meta + 3 * n_tensors + t)
+    start = (pid - tl.load(meta + 5 * n_tensors + t)) * BLOCK
+    w_ptr = tl.multiple_of(tl.load(meta + t).to(tl.pointer_type(DTYPE)), ALIGN)
+    g_ptr = tl.multiple_of(tl.load(meta + n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
+    b_ptr = tl.multiple_of(tl.load(meta + 2 * n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
     norm = tl.load(norm_ptr).to(tl.float32)
-    finite = splat_flag(tl.abs(norm) < float("inf"), BLOCK)  # False for inf and NaN
+    finite = tl.where(tl.abs(norm) < float("inf"), tl.full([BLOCK], 1, tl.int32), 0) != 0  # inf, NaN: False
     scale = rho / (norm + eps)
     if SWP:
         scale = scale / beta
     offs = start + tl.arange(0, BLOCK)
     if SWP:
-        counters = offset + element_start(meta, n_tensors, t, 3) + offs
+        # Element i of the bucket draws counter offset + i: the tensor's running start plus offs.
+        counters = offset + tl.load(meta + 4 * n_tensors + t) + offs
     else:
         counters = offs  # unused
     if start + BLOCK <= numel:
@@ -74,7 +78,8 @@ def perturb_(params, grads, backups, norm: torch.Tensor, rho: float, mode: str, 
     """Launch ``perturb_kernel`` over one bucket (see the op's backend contract)."""
     if not params:
         return
-    (ps, gs, bs), write_back = dense_lists([list(params), list(grads), list(backups)], mutated=(0, 2))
+    (ps, gs, bs), write_back = dense_lists([list(params), list(grads), list(backups)], mutated=(0, 2),
+                                           logical_order=beta < 1.0)
     if ps:
         device = ps[0].device
         block = block_size(device)
@@ -82,7 +87,7 @@ def perturb_(params, grads, backups, norm: torch.Tensor, rho: float, mode: str, 
         norm = norm.to(device=device, dtype=torch.float32).reshape(())
         launch(perturb_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, norm, float(rho), float(eta), float(eps),
                float(beta), _as_int64(seed), int(offset), DTYPE=tl_dtype(ps[0].dtype), MODE=MODES[mode],
-               SWP=beta < 1.0, ALIGNED=tab.aligned, BLOCK=block)
+               SWP=beta < 1.0, ALIGN=alignment(tab), BLOCK=block)
     copy_back(write_back)
 
 
@@ -97,13 +102,13 @@ def _as_int64(seed: int) -> int:
 
 @torch.library.custom_op("fastsam::perturb_triton_", mutates_args=("params", "backups"))
 def perturb_op(params: list[torch.Tensor], grads: list[torch.Tensor], backups: list[torch.Tensor],
-               norm: torch.Tensor, rho: float, mode: str, eta: float, eps: float, beta: float, seed: int,
+               norm: torch.Tensor, rho: float, geometry: str, eta: float, eps: float, beta: float, seed: int,
                offset: int) -> None:
-    perturb_(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, offset)
+    perturb_(params, grads, backups, norm, rho, geometry, eta, eps, beta, seed, offset)
 
 
 @perturb_op.register_fake
-def _(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, offset):
+def _(params, grads, backups, norm, rho, geometry, eta, eps, beta, seed, offset):
     return None
 
 

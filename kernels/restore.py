@@ -10,14 +10,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import block_coords, block_size, copy_back, dense_lists, launch, list_pointer, table, tl_dtype
+from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
 
 
 @triton.jit
-def restore_kernel(meta, n_tensors, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, numel, start = block_coords(meta, n_tensors, 2, BLOCK)
-    w_ptr = list_pointer(meta, n_tensors, t, 0, DTYPE, ALIGNED)
-    b_ptr = list_pointer(meta, n_tensors, t, 1, DTYPE, ALIGNED)
+def restore_kernel(meta, n_tensors, DTYPE: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    # Locate this program's block (see _multi_tensor's note on the preamble); lists: w, backup.
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(meta + 5 * n_tensors + pid)
+    numel = tl.load(meta + 2 * n_tensors + t)
+    start = (pid - tl.load(meta + 4 * n_tensors + t)) * BLOCK
+    w_ptr = tl.multiple_of(tl.load(meta + t).to(tl.pointer_type(DTYPE)), ALIGN)
+    b_ptr = tl.multiple_of(tl.load(meta + n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         tl.store(w_ptr + offs, tl.load(b_ptr + offs))
@@ -35,7 +39,7 @@ def restore_(params, backups) -> None:
         block = block_size(ps[0].device)
         tab = table([ps, bs], block)
         launch(restore_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, DTYPE=tl_dtype(ps[0].dtype),
-               ALIGNED=tab.aligned, BLOCK=block)
+               ALIGN=alignment(tab), BLOCK=block)
     copy_back(write_back)
 
 

@@ -31,8 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import (block_coords, block_size, copy_back, dense_lists, launch, list_pointer, splat_flag,
-                            table, tl_dtype)
+from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
 
 STEP_BLOCK = 1024
 _STEP_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -75,18 +74,23 @@ def restore_adamw_step_kernel(meta, n_tensors, lr_value, lr_ptr, beta1, one_minu
                               found_inf_ptr, DTYPE: tl.constexpr, STEP_DTYPE: tl.constexpr, N_LISTS: tl.constexpr,
                               LR_ON_DEVICE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                               HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                              HAS_WEIGHT_DECAY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, numel, start = block_coords(meta, n_tensors, N_LISTS, BLOCK)
-    w_ptr = list_pointer(meta, n_tensors, t, 0, DTYPE, ALIGNED)
-    g_ptr = list_pointer(meta, n_tensors, t, 1, DTYPE, ALIGNED)
-    b_ptr = list_pointer(meta, n_tensors, t, 2, DTYPE, ALIGNED)
-    m_ptr = list_pointer(meta, n_tensors, t, 3, DTYPE, ALIGNED)
-    v_ptr = list_pointer(meta, n_tensors, t, 4, DTYPE, ALIGNED)
+                              HAS_WEIGHT_DECAY: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    # Locate this program's block (see _multi_tensor's note on the preamble);
+    # lists: w, g, backup, m, v[, vmax], step (addresses of the one-element step counters).
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(meta + (N_LISTS + 3) * n_tensors + pid)
+    numel = tl.load(meta + N_LISTS * n_tensors + t)
+    start = (pid - tl.load(meta + (N_LISTS + 2) * n_tensors + t)) * BLOCK
+    w_ptr = tl.multiple_of(tl.load(meta + t).to(tl.pointer_type(DTYPE)), ALIGN)
+    g_ptr = tl.multiple_of(tl.load(meta + n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
+    b_ptr = tl.multiple_of(tl.load(meta + 2 * n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
+    m_ptr = tl.multiple_of(tl.load(meta + 3 * n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
+    v_ptr = tl.multiple_of(tl.load(meta + 4 * n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
     if AMSGRAD:
-        vmax_ptr = list_pointer(meta, n_tensors, t, 5, DTYPE, ALIGNED)
+        vmax_ptr = tl.multiple_of(tl.load(meta + 5 * n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
     else:
         vmax_ptr = v_ptr  # not used
-    step_ptr = list_pointer(meta, n_tensors, t, N_LISTS - 1, STEP_DTYPE, False)
+    step_ptr = tl.load(meta + (N_LISTS - 1) * n_tensors + t).to(tl.pointer_type(STEP_DTYPE))
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr).to(tl.float32)
     else:
@@ -96,7 +100,7 @@ def restore_adamw_step_kernel(meta, n_tensors, lr_value, lr_ptr, beta1, one_minu
     else:
         grad_scale = 1.0
     if HAS_FOUND_INF:
-        step_ok = splat_flag(tl.load(found_inf_ptr) == 0, BLOCK)
+        step_ok = tl.where(tl.load(found_inf_ptr) == 0, tl.full([BLOCK], 1, tl.int32), 0) != 0
     else:
         step_ok = tl.full([BLOCK], 1, tl.int1)
     # Bias corrections in fp64 (see the module docstring).
@@ -124,7 +128,7 @@ def increment_steps_kernel(step_addresses, n_steps, found_inf_ptr, STEP_DTYPE: t
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n_steps
     if HAS_FOUND_INF:
-        mask = mask & splat_flag(tl.load(found_inf_ptr) == 0, BLOCK)
+        mask = mask & (tl.where(tl.load(found_inf_ptr) == 0, tl.full([BLOCK], 1, tl.int32), 0) != 0)
     ptrs = tl.load(step_addresses + idx, mask=mask, other=0).to(tl.pointer_type(STEP_DTYPE))
     tl.store(ptrs, tl.load(ptrs, mask=mask) + 1.0, mask=mask)
 
@@ -174,7 +178,7 @@ def restore_adamw_step_(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_a
                float(eps), float(weight_decay), scalar(grad_scale), scalar(found_inf), DTYPE=tl_dtype(params[0].dtype),
                STEP_DTYPE=_STEP_DTYPES[step_dtype], N_LISTS=len(lists), LR_ON_DEVICE=lr_tensor is not None,
                AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None,
-               HAS_FOUND_INF=found_inf is not None, HAS_WEIGHT_DECAY=weight_decay != 0, ALIGNED=tab.aligned,
+               HAS_FOUND_INF=found_inf is not None, HAS_WEIGHT_DECAY=weight_decay != 0, ALIGN=alignment(tab),
                BLOCK=block)
     copy_back(write_back)
     # Every counter moves, empty parameters' included (as in torch).

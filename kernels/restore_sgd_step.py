@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import block_coords, block_size, copy_back, dense_lists, launch, list_pointer, splat_flag, table, tl_dtype
+from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
 
 
 @triton.jit
@@ -56,13 +56,17 @@ def restore_sgd_step_kernel(meta, n_tensors, lr_value, lr_ptr, momentum, one_min
                             found_inf_ptr, DTYPE: tl.constexpr, N_LISTS: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
                             HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
                             MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                            HAS_WEIGHT_DECAY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, numel, start = block_coords(meta, n_tensors, N_LISTS, BLOCK)
-    w_ptr = list_pointer(meta, n_tensors, t, 0, DTYPE, ALIGNED)
-    g_ptr = list_pointer(meta, n_tensors, t, 1, DTYPE, ALIGNED)
-    b_ptr = list_pointer(meta, n_tensors, t, 2, DTYPE, ALIGNED)
+                            HAS_WEIGHT_DECAY: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    # Locate this program's block (see _multi_tensor's note on the preamble); lists: w, g, backup[, buf].
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(meta + (N_LISTS + 3) * n_tensors + pid)
+    numel = tl.load(meta + N_LISTS * n_tensors + t)
+    start = (pid - tl.load(meta + (N_LISTS + 2) * n_tensors + t)) * BLOCK
+    w_ptr = tl.multiple_of(tl.load(meta + t).to(tl.pointer_type(DTYPE)), ALIGN)
+    g_ptr = tl.multiple_of(tl.load(meta + n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
+    b_ptr = tl.multiple_of(tl.load(meta + 2 * n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
     if HAS_MOMENTUM:
-        m_ptr = list_pointer(meta, n_tensors, t, 3, DTYPE, ALIGNED)
+        m_ptr = tl.multiple_of(tl.load(meta + 3 * n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
     else:
         m_ptr = w_ptr  # not used
     if LR_ON_DEVICE:
@@ -74,7 +78,7 @@ def restore_sgd_step_kernel(meta, n_tensors, lr_value, lr_ptr, momentum, one_min
     else:
         grad_scale = 1.0
     if HAS_FOUND_INF:
-        step_ok = splat_flag(tl.load(found_inf_ptr) == 0, BLOCK)
+        step_ok = tl.where(tl.load(found_inf_ptr) == 0, tl.full([BLOCK], 1, tl.int32), 0) != 0
     else:
         step_ok = tl.full([BLOCK], 1, tl.int1)
     offs = start + tl.arange(0, BLOCK)
@@ -109,7 +113,7 @@ def restore_sgd_step_(params, grads, backups, momentum_buffers, lr, lr_tensor, m
                DTYPE=tl_dtype(params[0].dtype), N_LISTS=len(lists), LR_ON_DEVICE=lr_tensor is not None,
                HAS_MOMENTUM=has_momentum, FIRST=bool(is_first_step), NESTEROV=bool(nesterov),
                MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-               HAS_WEIGHT_DECAY=weight_decay != 0, ALIGNED=tab.aligned, BLOCK=block)
+               HAS_WEIGHT_DECAY=weight_decay != 0, ALIGN=alignment(tab), BLOCK=block)
     copy_back(write_back)
 
 
