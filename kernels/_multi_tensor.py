@@ -39,7 +39,6 @@ import os
 from typing import NamedTuple
 
 import torch
-import triton
 import triton.language as tl
 
 # Elements per program. The interpreter pays per program in Python, the GPU per byte; both like

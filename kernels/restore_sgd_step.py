@@ -25,8 +25,7 @@ from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch
 
 @triton.jit
 def _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, mask, lr, momentum, one_minus_dampening, weight_decay, grad_scale,
-               step_ok,
-               HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+               step_ok, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                HAS_GRAD_SCALE: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr):
     backup = tl.load(b_ptr + offs, mask=mask)
     w = backup.to(tl.float32)
@@ -52,11 +51,12 @@ def _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, mask, lr, momentum, one_minus_d
 
 
 @triton.jit
-def restore_sgd_step_kernel(meta, n_tensors, lr_value, lr_ptr, momentum, one_minus_dampening, weight_decay, grad_scale_ptr,
-                            found_inf_ptr, DTYPE: tl.constexpr, N_LISTS: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
-                            HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
-                            MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                            HAS_WEIGHT_DECAY: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+def restore_sgd_step_kernel(meta, n_tensors, lr_value, lr_ptr, momentum, one_minus_dampening, weight_decay,
+                            grad_scale_ptr, found_inf_ptr, DTYPE: tl.constexpr, N_LISTS: tl.constexpr,
+                            LR_ON_DEVICE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr,
+                            NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                            HAS_FOUND_INF: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, ALIGN: tl.constexpr,
+                            BLOCK: tl.constexpr):
     # Locate this program's block (see _multi_tensor's note on the preamble); lists: w, g, backup[, buf].
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(meta + (N_LISTS + 3) * n_tensors + pid)
@@ -84,8 +84,8 @@ def restore_sgd_step_kernel(meta, n_tensors, lr_value, lr_ptr, momentum, one_min
     offs = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, tl.full([BLOCK], 1, tl.int1), lr, momentum,
-                   one_minus_dampening, weight_decay, grad_scale, step_ok, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE,
-                   HAS_WEIGHT_DECAY)
+                   one_minus_dampening, weight_decay, grad_scale, step_ok, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE,
+                   HAS_GRAD_SCALE, HAS_WEIGHT_DECAY)
     else:
         _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, offs < numel, lr, momentum, one_minus_dampening, weight_decay,
                    grad_scale, step_ok, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE, HAS_WEIGHT_DECAY)

@@ -79,7 +79,8 @@ def test_ops_compile_with_fullgraph():
         norm = ops.grad_norm(grads, backend="triton")
         ops.perturb_(params, grads, backups, norm, 0.05, backend="triton")
         ops.restore_sgd_step_(params, grads2, backups, bufs, lr=0.1, momentum=0.9, backend="triton")
-        return norm, ops.sds_select(before, after, 3, backend="triton"), ops.sds_weights(before, after, backend="triton")
+        return (norm, ops.sds_select(before, after, 3, backend="triton"),
+                ops.sds_weights(before, after, backend="triton"))
 
     def state():
         return (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2), [torch.empty(s, device=DEVICE) for s in SHAPES],
