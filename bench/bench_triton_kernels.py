@@ -121,12 +121,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", nargs="+", default=["resnet18", "vit_b", "small2000"], choices=sorted(PARAM_SETS))
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    ap.add_argument("--block", type=int, default=None, help="elements per program (tuning; default: the kernels')")
+    ap.add_argument("--num-warps", type=int, default=None, help="warps per program (tuning)")
     ap.add_argument("--out", default=str(harness.RESULTS_DIR / "triton_kernels.csv"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_triton_kernels needs a CUDA device (the interpreter's CPU timings mean nothing)")
         return 2
+    from fastsam.kernels import _multi_tensor
+
+    _multi_tensor.BLOCK = args.block or _multi_tensor.BLOCK
+    _multi_tensor.NUM_WARPS = args.num_warps or _multi_tensor.NUM_WARPS
+    print(f"triton: BLOCK={_multi_tensor.BLOCK} num_warps={_multi_tensor.NUM_WARPS}")
     rows = measure(args.sets, args.dtypes, torch.device("cuda"))
+    for row in rows:
+        if row["provider"] == "triton":
+            row["provider"] = f"triton-b{_multi_tensor.BLOCK}w{_multi_tensor.NUM_WARPS}"
     print(f"rows appended to {harness.append_rows(rows, args.out)}")
     return 0
 

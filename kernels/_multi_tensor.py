@@ -41,8 +41,10 @@ from typing import NamedTuple
 import torch
 import triton.language as tl
 
-# Elements per program. The interpreter pays per program in Python, the GPU per byte; both like
-# blocks of a few thousand elements.
+# Elements per program. On a GPU, 2048 elements over 4 warps (16 per thread, 128-bit accesses) is
+# a usual shape for memory-bound kernels; it is not tuned yet (bench_triton_kernels.py --block
+# --num-warps sweeps it). The interpreter runs programs one after another in Python, so it gets
+# larger blocks: fewer programs, each a handful of numpy calls.
 BLOCK = 2048
 NUM_WARPS = 4
 INTERPRETER_BLOCK = 16384
@@ -65,10 +67,10 @@ def block_size(device: torch.device) -> int:
     return INTERPRETER_BLOCK if device.type != "cuda" else BLOCK
 
 
-def launch(kernel, grid, *args, num_warps: int = NUM_WARPS, **kwargs) -> None:
+def launch(kernel, grid, *args, num_warps: int | None = None, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, counted per kernel name."""
     launches[kernel.fn.__name__] += 1
-    kernel[grid](*args, num_warps=num_warps, **kwargs)  # the interpreter ignores num_warps
+    kernel[grid](*args, num_warps=num_warps or NUM_WARPS, **kwargs)  # the interpreter ignores num_warps
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
@@ -117,6 +119,14 @@ def dense_lists(lists: list[list[torch.Tensor]], mutated: tuple[int, ...] = (), 
         if len(lst) != n:
             raise ValueError(f"tensor lists differ in length ({n} vs {len(lst)})")
     walked = [li for li in range(len(lists)) if li not in address_only]
+    # Fast path, the usual case: every tensor contiguous, sizes and devices matching, none empty
+    # (C-level map calls: this runs on every launch).
+    numels = list(map(torch.Tensor.numel, lists[walked[0]]))
+    device_index = lists[walked[0]][0].get_device() if n else None  # -1 on CPU
+    if 0 not in numels and all(
+            all(map(torch.Tensor.is_contiguous, lists[li])) and list(map(torch.Tensor.numel, lists[li])) == numels
+            and set(map(torch.Tensor.get_device, lists[li])) == {device_index} for li in walked):
+        return [list(lst) for lst in lists], []
     out = [[] for _ in lists]
     write_back = []
     for i in range(n):
@@ -154,8 +164,8 @@ def table(lists: list[list[torch.Tensor]], block: int) -> Table:
     """
     first = lists[0]
     device = first[0].device
-    addresses = tuple(tuple(t.data_ptr() for t in lst) for lst in lists)
-    numels = tuple(t.numel() for t in first)
+    addresses = tuple(tuple(map(torch.Tensor.data_ptr, lst)) for lst in lists)
+    numels = tuple(map(torch.Tensor.numel, first))
     key = (device, block, addresses, numels)
     hit = _tables.get(key)
     if hit is not None:

@@ -35,7 +35,7 @@ def _sq_terms(g_ptr, w_ptr, offs, mask, eta, MODE: tl.constexpr):
         terms = tg * tg
     else:
         gg = g * g
-        terms = gg / (1.0 + eta * gg)
+        terms = tl.div_rn(gg, 1.0 + eta * gg)
     return tl.sum(terms, axis=0)
 
 

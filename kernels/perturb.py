@@ -38,7 +38,7 @@ def _perturb_block(w_ptr, g_ptr, b_ptr, offs, mask, counters, scale, finite, eta
         t = tl.abs(w) + eta
         d = t * t * g
     else:
-        d = g / (1.0 + eta * g * g)
+        d = tl.div_rn(g, 1.0 + eta * g * g)
     if SWP:
         d = tl.where(tl.rand(seed, counters) < beta, d, 0.0)
     tl.store(w_ptr + offs, (w + scale * d).to(w_raw.dtype), mask=mask & finite)
@@ -57,9 +57,9 @@ def perturb_kernel(meta, n_tensors, norm_ptr, rho, eta, eps, beta, seed, offset,
     b_ptr = tl.multiple_of(tl.load(meta + 2 * n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
     norm = tl.load(norm_ptr).to(tl.float32)
     finite = tl.where(tl.abs(norm) < float("inf"), tl.full([BLOCK], 1, tl.int32), 0) != 0  # inf, NaN: False
-    scale = rho / (norm + eps)
+    scale = tl.div_rn(rho, norm + eps)
     if SWP:
-        scale = scale / beta
+        scale = tl.div_rn(scale, beta)
     offs = start + tl.arange(0, BLOCK)
     if SWP:
         # Element i of the bucket draws counter offset + i: the tensor's running start plus offs.

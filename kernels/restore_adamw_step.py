@@ -48,7 +48,7 @@ def _adamw_block(w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, lr, be
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GRAD_SCALE:
-        g = g / grad_scale
+        g = tl.div_rn(g, grad_scale)
     if MAXIMIZE:
         g = -g
     if HAS_WEIGHT_DECAY:
@@ -59,10 +59,10 @@ def _adamw_block(w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, lr, be
     if AMSGRAD:
         vmax = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(tl.float32), v)
         tl.store(vmax_ptr + offs, vmax.to(backup.dtype), mask=ok)
-        denom = tl.sqrt(vmax) / bias_correction2_sqrt + eps
+        denom = tl.div_rn(tl.sqrt_rn(vmax), bias_correction2_sqrt) + eps
     else:
-        denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-    w = w - step_size * m / denom
+        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    w = w - tl.div_rn(step_size * m, denom)
     tl.store(m_ptr + offs, m.to(backup.dtype), mask=ok)
     tl.store(v_ptr + offs, v.to(backup.dtype), mask=ok)
     tl.store(w_ptr + offs, tl.where(step_ok, w.to(backup.dtype), backup), mask=mask)

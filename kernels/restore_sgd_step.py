@@ -31,7 +31,7 @@ def _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, mask, lr, momentum, one_minus_d
     w = backup.to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GRAD_SCALE:
-        g = g / grad_scale
+        g = tl.div_rn(g, grad_scale)
     if MAXIMIZE:
         g = -g
     if HAS_WEIGHT_DECAY:

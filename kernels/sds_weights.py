@@ -19,22 +19,28 @@ BLOCK = 1024
 
 
 @triton.jit
+def _scaled_sharpness(before_ptr, after_ptr, idx, mask, temperature):
+    s = sharpness(before_ptr, after_ptr, idx, mask)
+    return tl.div_rn(s, temperature)
+
+
+@triton.jit
 def sds_weights_kernel(before_ptr, after_ptr, n, temperature, out_ptr, BLOCK: tl.constexpr):
     running_max = tl.full([BLOCK], float("-inf"), tl.float32)
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        running_max = tl.maximum(running_max, sharpness(before_ptr, after_ptr, idx, idx < n) / temperature)
+        running_max = tl.maximum(running_max, _scaled_sharpness(before_ptr, after_ptr, idx, idx < n, temperature))
     top = tl.max(running_max, axis=0)
     total = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        x = sharpness(before_ptr, after_ptr, idx, idx < n) / temperature
+        x = _scaled_sharpness(before_ptr, after_ptr, idx, idx < n, temperature)
         total += tl.where(idx < n, tl.exp(x - top), 0.0)
     denominator = tl.sum(total, axis=0)
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        x = sharpness(before_ptr, after_ptr, idx, idx < n) / temperature
-        tl.store(out_ptr + idx, tl.exp(x - top) / denominator, mask=idx < n)
+        x = _scaled_sharpness(before_ptr, after_ptr, idx, idx < n, temperature)
+        tl.store(out_ptr + idx, tl.div_rn(tl.exp(x - top), denominator), mask=idx < n)
 
 
 def sds_weights(loss_before: torch.Tensor, loss_after: torch.Tensor, temperature: float) -> torch.Tensor:
