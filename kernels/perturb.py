@@ -22,8 +22,6 @@ import triton.language as tl
 from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
 from .grad_norm import MODES
 
-N_LISTS = 3  # params, grads, backups
-
 
 @triton.jit
 def _perturb_block(w_ptr, g_ptr, b_ptr, offs, mask, counters, scale, finite, eta, beta, seed,

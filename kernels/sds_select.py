@@ -45,13 +45,15 @@ def sds_select_kernel(before_ptr, after_ptr, n, k, out_ptr, BLOCK_I: tl.constexp
     i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = i < n
     s_i = sharpness(before_ptr, after_ptr, i, mask_i)
-    rank = tl.zeros([BLOCK_I], tl.int32)
+    # Counts accumulate per (i, j-lane) and are summed once at the end: no reduction in the loop.
+    counts = tl.zeros([BLOCK_I, BLOCK_J], tl.int32)
     for start in range(0, n, BLOCK_J):
         # Out-of-range j read as -inf with j >= n > i, so they never precede a real sample.
         j = start + tl.arange(0, BLOCK_J)
         s_j = sharpness(before_ptr, after_ptr, j, j < n)
         ahead = (s_j[None, :] > s_i[:, None]) | ((s_j[None, :] == s_i[:, None]) & (j[None, :] < i[:, None]))
-        rank += tl.sum(ahead.to(tl.int32), axis=1)
+        counts += ahead.to(tl.int32)
+    rank = tl.sum(counts, axis=1)
     tl.store(out_ptr + rank, i, mask=mask_i & (rank < k))
 
 
