@@ -89,9 +89,11 @@ def _sam_step(params, first_grads, second_grads, opt):
 
 
 @pytest.mark.parametrize("base,base_kw", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-4)),
-                                          (torch.optim.AdamW, dict(lr=torch.tensor(1e-3, device="cuda")))],
-                         ids=["sgd", "adamw"])
+                                          (torch.optim.AdamW, dict(lr="a 0-dim cuda tensor"))],
+                         ids=["sgd", "adamw-tensor-lr"])
 def test_cuda_graph_capture_and_replay(base, base_kw):
+    if isinstance(base_kw["lr"], str):
+        base_kw = dict(base_kw, lr=torch.tensor(1e-3, device=CUDA))
     eager = _static_setup(base, base_kw, seed=1)
     graphed = _static_setup(base, base_kw, seed=1)
 
