@@ -42,7 +42,7 @@ def _perturb_block(w_ptr, g_ptr, b_ptr, offs, mask, counters, scale, finite, eta
     tl.store(w_ptr + offs, (w + scale * d).to(w_raw.dtype), mask=mask & finite)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])  # both change every step: no recompiles for them
 def perturb_kernel(meta, n_tensors, norm_ptr, rho, eta, eps, beta, seed, offset, DTYPE: tl.constexpr,
                    MODE: tl.constexpr, SWP: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr):
     # Locate this program's block (see _multi_tensor's note on the preamble); lists: w, g, backup.

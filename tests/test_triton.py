@@ -21,7 +21,7 @@ from helpers import assert_close_dtype
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OK, WHY = ops.supports("triton", "perturb", torch.device(DEVICE), torch.float32)
-pytestmark = pytest.mark.skipif(not TRITON_OK, reason=f"Triton backend unavailable: {WHY}")
+pytestmark = [pytest.mark.triton, pytest.mark.skipif(not TRITON_OK, reason=f"Triton backend unavailable: {WHY}")]
 
 if TRITON_OK:
     from fastsam.kernels import _multi_tensor

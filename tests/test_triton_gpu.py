@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import fastsam
 from fastsam import ops
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.triton]
 
 CUDA = torch.device("cuda")
 
