@@ -211,13 +211,14 @@ def clear_tables() -> None:
 #
 # then runs its body once, in a branch that is either a full block (a constant all-true mask, so
 # loads vectorise) or the tensor's last block (``offs < numel``). The preamble is inline rather
-# than in shared @triton.jit helpers because the interpreter pays about half a millisecond per
-# helper call and program, which made CPU tests of the optimizers several times slower; compiled
-# kernels inline helpers anyway, so the GPU code is the same. For the same reason a scalar flag
-# is broadcast inline with ``tl.where(flag, tl.full([BLOCK], 1, tl.int32), 0) != 0``:
+# than in shared @triton.jit helpers because the interpreter (triton 3.9) pays about a millisecond
+# per helper call and program, some twenty times an inline operation, and the CPU tests of the
+# optimizers run hundreds of programs per step; compiled kernels inline helpers anyway, so the GPU
+# code is the same. For the same reason a scalar flag is broadcast inline with
+# ``tl.where(flag, tl.full([BLOCK], 1, tl.int32), 0) != 0``:
 #
 # [note: scalar conditions under the interpreter]
-# The Triton interpreter (3.6-3.9) types a scalar comparison by its operands (fp32 for
+# The Triton interpreter (seen in 3.9) types a scalar comparison by its operands (fp32 for
 # ``norm < inf``), so broadcasting it against a block mask turns it into floats and ``mask & flag``
 # fails. Going through ``tl.where`` yields a real boolean block in both modes, at no cost on a GPU.
 
