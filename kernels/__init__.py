@@ -4,3 +4,7 @@ One file per op, named like the op in ``fastsam/ops/``; each holds the ``@triton
 the launcher the op's ``triton`` backend calls. Importing this package must not fail when only the
 interpreter is available (``TRITON_INTERPRET=1`` on CPU).
 """
+
+# Importing the op modules registers their torch.library ops (``torch.ops.fastsam.*_triton*``).
+from . import (grad_norm, perturb, restore, restore_adamw_step, restore_sgd_step,  # noqa: E402,F401
+               sds_select, sds_weights)

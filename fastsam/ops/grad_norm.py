@@ -120,3 +120,14 @@ def grad_sq_norm_cuda(grads, params, mode: str, eta: float) -> torch.Tensor:
 @_cuda.fake("grad_sq_norm")
 def _grad_sq_norm_fake(grads, params, norm_mode, eta):
     return grads[0].new_empty((), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("grad_norm", "triton")
+def grad_sq_norm_triton(grads, params, mode: str, eta: float) -> torch.Tensor:
+    from fastsam.kernels import grad_norm as kernels  # imported on first use: triton is optional
+
+    return kernels.grad_sq_norm_entry(grads, params, mode, eta)

@@ -128,3 +128,14 @@ def perturb_cuda(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, 
 @_cuda.fake("perturb_")
 def _perturb_fake(params, grads, backups, norm, rho, norm_mode, eta, eps, beta, seed, offset):
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("perturb", "triton")
+def perturb_triton(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, offset) -> None:
+    from fastsam.kernels import perturb as kernels  # imported on first use: triton is optional
+
+    kernels.perturb_entry(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, offset)

@@ -49,3 +49,14 @@ def restore_cuda(params, backups) -> None:
 @_cuda.fake("restore_")
 def _restore_fake(params, backups):
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("restore", "triton")
+def restore_triton(params, backups) -> None:
+    from fastsam.kernels import restore as kernels  # imported on first use: triton is optional
+
+    kernels.restore_entry(params, backups)

@@ -133,3 +133,16 @@ def restore_adamw_step_cuda(params, grads, backups, exp_avgs, exp_avg_sqs, max_e
 def _restore_adamw_step_fake(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_tensor,
                              lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("restore_adamw_step", "triton")
+def restore_adamw_step_triton(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
+                              beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf) -> None:
+    from fastsam.kernels import restore_adamw_step as kernels  # imported on first use: triton is optional
+
+    kernels.restore_adamw_step_entry(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                                     lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf)

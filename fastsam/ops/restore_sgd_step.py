@@ -145,3 +145,16 @@ def restore_sgd_step_cuda(params, grads, backups, momentum_buffers, lr, momentum
 def _restore_sgd_step_fake(params, grads, backups, momentum_buffers, lr_tensor, lr, momentum, dampening, nesterov,
                            weight_decay, maximize, is_first_step, grad_scale, found_inf):
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("restore_sgd_step", "triton")
+def restore_sgd_step_triton(params, grads, backups, momentum_buffers, lr, momentum, dampening, nesterov,
+                            weight_decay, maximize, is_first_step, grad_scale, found_inf) -> None:
+    from fastsam.kernels import restore_sgd_step as kernels  # imported on first use: triton is optional
+
+    kernels.restore_sgd_step_entry(params, grads, backups, momentum_buffers, lr, momentum, dampening, nesterov,
+                                   weight_decay, maximize, is_first_step, grad_scale, found_inf)

@@ -113,3 +113,21 @@ def _sds_select_fake(loss_before, loss_after, k):
 @_cuda.fake("sds_weights")
 def _sds_weights_fake(loss_before, loss_after, temperature):
     return loss_before.new_empty(loss_before.shape, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("sds_select", "triton")
+def sds_select_triton(loss_before, loss_after, k: int) -> torch.Tensor:
+    from fastsam.kernels import sds_select as kernels  # imported on first use: triton is optional
+
+    return kernels.sds_select_entry(loss_before, loss_after, k)
+
+
+@register("sds_weights", "triton")
+def sds_weights_triton(loss_before, loss_after, temperature: float) -> torch.Tensor:
+    from fastsam.kernels import sds_weights as kernels  # imported on first use: triton is optional
+
+    return kernels.sds_weights_entry(loss_before, loss_after, temperature)
