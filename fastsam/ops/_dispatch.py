@@ -132,6 +132,8 @@ def supports(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
         return False, f"dtype {dtype} is not supported by the {backend} kernels (fp32, fp16, bf16)"
     if backend == "triton":
         if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return False, "no CUDA device is visible"
             return True, ""
         if device.type == "cpu" and triton_interpreter_enabled():
             return True, ""
