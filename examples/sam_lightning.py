@@ -3,9 +3,11 @@
     pip install lightning
     python examples/sam_lightning.py --max-steps 50
 
-SAM needs two forward/backward passes per step, so the module turns automatic optimization off and
-drives ``first_step`` / ``second_step`` itself (``self.manual_backward`` keeps Lightning's precision
-and strategy plugins in the loop).
+SAM needs two forward/backward passes per step, so the module turns automatic optimization off, runs
+the first backward itself and hands the second one to ``optimizer.step(closure)`` through
+Lightning's optimizer wrapper. Going through the wrapper matters: it is what advances
+``trainer.global_step`` (and so ``max_steps``), and ``self.manual_backward`` keeps Lightning's
+precision and strategy plugins in the loop.
 """
 
 import argparse
@@ -31,13 +33,18 @@ def build_module():
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            opt = self.optimizers().optimizer  # the fastsam optimizer behind Lightning's wrapper
+            opt = self.optimizers()  # Lightning's wrapper around the fastsam optimizer
             loss = F.cross_entropy(self.net(x), y)
-            self.manual_backward(loss)
-            opt.first_step(zero_grad=True)
-            with fastsam.frozen_running_stats(self.net):
-                self.manual_backward(F.cross_entropy(self.net(x), y))
-            opt.second_step(zero_grad=True)
+            self.manual_backward(loss)  # gradient at w
+
+            def second_pass():  # fastsam.SAM.step: first_step, this closure at w + e, second_step
+                with fastsam.frozen_running_stats(self.net):
+                    perturbed_loss = F.cross_entropy(self.net(x), y)
+                self.manual_backward(perturbed_loss)
+                return perturbed_loss
+
+            opt.step(closure=second_pass)
+            opt.zero_grad()
             self.lr_schedulers().step()
             self.log("train_loss", loss, prog_bar=True)
             return loss

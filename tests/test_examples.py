@@ -1,0 +1,48 @@
+"""The scripts in examples/ run end to end on tiny settings (CPU), and learn something."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout
+
+
+def accuracy(text):
+    return float(re.search(r"accuracy (?:after \d+ SAM steps: )?([0-9.]+)", text).group(1))
+
+
+def test_plain_loop_with_clipping_schedule_and_resume():
+    assert accuracy(run(["examples/sam_plain.py", "--steps", "40"])) > 0.9
+
+
+def test_gradient_accumulation_over_micro_batches():
+    assert accuracy(run(["examples/sam_plain.py", "--steps", "30", "--accumulate", "4"])) > 0.9
+
+
+@pytest.mark.parametrize("optimizer", ["sam", "fisher"])
+def test_amp_with_grad_scaler(optimizer):
+    assert accuracy(run(["examples/sam_amp.py", "--steps", "40", "--optimizer", optimizer])) > 0.6
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_ddp_with_torchrun(mode):
+    text = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+                "examples/sam_ddp.py", "--steps", "5", "--perturbation", mode])
+    assert "weights identical on all ranks: True" in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="Lightning is not installed")
+def test_lightning_manual_optimization():
+    assert accuracy(run(["examples/sam_lightning.py", "--max-steps", "20"])) > 0.5
