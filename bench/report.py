@@ -75,7 +75,7 @@ def device_section(device: str, rows: list[dict], png_dir: str | None) -> list[s
             frac = ours[best].get("bw_fraction")
             body.append([op, size.split(":")[0] + f" ({harness.size_value(size) / 1e6:.1f}M)",
                          f"{_ms(ours[best]['median_ms'])} ({best[8:]})", _ms(base["median_ms"] if base else None),
-                         f"{_ms(peers[peer]['median_ms'])} ({peer[5:] or 'norm'})" if peer else "-",
+                         f"{_ms(peers[peer]['median_ms'])} ({peer[5:] or 'its norm'})" if peer else "-",
                          _x(ours[best].get("speedup_vs_baseline")), _x(ours[best].get("speedup_vs_peer")),
                          "-" if frac is None else f"{frac:.0%}", launches,
                          ", ".join(f"{p}: {_ms(v['median_ms'])}" for p, v in comp.items()) or "-"])
