@@ -240,3 +240,43 @@ def test_e2e_drives_the_variants_through_their_documented_signatures(monkeypatch
     got = {r["provider"] for r in rows if r["metric"] == "images_per_s"}
     assert got == {"sgd", "sam", "esam", "msam", "looksam"}
     assert {"esam", "msam-m4", "looksam"} <= set(calls)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_count_launches_counts_cuda_kernels():
+    ts = [torch.zeros(5, device="cuda") for _ in range(7)]
+    assert harness.count_launches(lambda: [t.add_(1.0) for t in ts], "cuda") == 7
+    assert harness.count_launches(lambda: torch._foreach_add_(ts, 1.0), "cuda") == 1
+
+
+@pytest.mark.gpu
+def test_cuda_timing_leaves_prepare_out():
+    x = torch.zeros(1 << 16, device="cuda")
+    quick = harness.Case([harness.Instance(lambda: x.add_(1.0)) for _ in range(2)])
+    # A prepare that keeps the GPU busy for milliseconds must not show up in the timed call.
+    slow_prep = harness.Case([harness.Instance(lambda: x.add_(1.0), lambda: torch.cuda._sleep(5_000_000))
+                              for _ in range(2)])
+    t_quick = harness.time_fn(quick, "cuda")
+    t_prep = harness.time_fn(slow_prep, "cuda")
+    assert t_prep.median_ms < t_quick.median_ms + 0.5
+
+
+@pytest.mark.gpu
+def test_bench_tiny_on_cuda(tmp_path):
+    out = tmp_path / "results.csv"
+    proc = run_cli("--plan", "tiny", "--device", "cuda", "--no-compile", "--no-progress", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = harness.read_rows(out)
+    assert {r["device"] for r in rows} == {torch.cuda.get_device_name()}
+    providers = {r["provider"] for r in rows}
+    for op in KERNEL_OPS:
+        assert _value(rows, op, "fastsam-torch", "median_ms") > 0
+        assert _value(rows, op, "fastsam-torch", "launches") > 0
+    for op in ("first_step", "sam_step_sgd", "sam_step_adamw"):
+        assert _value(rows, op, "baseline-per-param", "launches") > _value(rows, op, "fastsam-torch", "launches")
+    assert {"e2e_resnet18", "e2e_vit"} <= {r["op"] for r in rows}
+    assert "fastsam-torch" in providers
