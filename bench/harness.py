@@ -86,7 +86,8 @@ def device_name(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {_cpu_model()} x{os.cpu_count()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU {_cpu_model()} x{os.cpu_count()} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def versions() -> dict:

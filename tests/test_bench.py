@@ -44,7 +44,7 @@ def test_bench_tiny_writes_one_run_of_rows(tiny_run):
     proc, _, rows = tiny_run
     assert len({r["timestamp"] for r in rows}) == 1, "one run shares one timestamp"
     devices = {r["device"] for r in rows}
-    assert len(devices) == 1 and devices.pop().startswith("CPU") and rows[0]["device"].endswith("(1 threads)")
+    assert len(devices) == 1 and devices.pop().startswith("CPU") and rows[0]["device"].endswith("(1 thread)")
     assert all(r["torch"] == torch.__version__ and r["commit"] for r in rows)
     ops = {r["op"] for r in rows}
     assert set(KERNEL_OPS) | {"copy", "sds_select", "e2e_resnet18", "e2e_vit"} <= ops
