@@ -367,20 +367,32 @@ def count_launches(fn: Callable[[], object], device: torch.device | str) -> int 
     return _Count.n
 
 
-def copy_bandwidth(device: torch.device | str, nbytes: int | None = None) -> tuple[float, Timing]:
-    """Device-to-device copy bandwidth in GB/s (bytes read plus written), and its timing.
+COPY = "copy"
 
-    The buffer is large enough to miss every cache (1 GiB on CUDA, 8x the LLC on CPU, at least
-    128 MiB), so this is the memory system's practical ceiling the kernels are held against.
-    """
+
+def copy_buffer_bytes(device: torch.device | str) -> int:
+    """Size of the copy that measures bandwidth: large enough to miss every cache (1 GiB on CUDA,
+    4x the LLC and at least 128 MiB on CPU)."""
     device = torch.device(device)
-    if nbytes is None:
-        nbytes = (1 << 30) if device.type == "cuda" else max(128 << 20, 8 * last_level_cache_bytes(device))
-    n = nbytes // 4
+    return (1 << 30) if device.type == "cuda" else max(128 << 20, 4 * last_level_cache_bytes(device))
+
+
+def copy_builder(device: torch.device | str, nbytes: int | None = None) -> Callable[[], Instance]:
+    """A builder of ``dst.copy_(src)`` instances; every instance shares one pair of buffers."""
+    device = torch.device(device)
+    n = (nbytes or copy_buffer_bytes(device)) // 4
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, warmup=3, reps=15)
-    return 2 * n * 4 / (t.median_ms * 1e-3) / 1e9, t
+    return lambda: Instance(lambda: dst.copy_(src))
+
+
+def copy_bandwidth(device: torch.device | str, nbytes: int | None = None) -> tuple[float, Timing]:
+    """Device-to-device copy bandwidth in GB/s (bytes read plus written), and its timing: the
+    memory system's practical ceiling the kernels are held against."""
+    device = torch.device(device)
+    nbytes = nbytes or copy_buffer_bytes(device)
+    t = time_fn(copy_builder(device, nbytes)().run, device, warmup=3, reps=15)
+    return 2 * nbytes / (t.median_ms * 1e-3) / 1e9, t
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,12 +473,21 @@ def _available_memory_bytes() -> int:
 
 
 def _derived_rows(op: str, size: str, timings: dict[str, Timing], bytes_moved: int | None,
-                  copy_gbs: float | None, baseline: str = BASELINE) -> list[dict]:
+                  copy_gbs: float | None, baseline: str = BASELINE, copy_timing: Timing | None = None,
+                  copy_bytes: int = 0) -> list[dict]:
     rows = []
 
     def add(provider, metric, value):
         rows.append(dict(op=op, provider=provider, size=size, metric=metric, value=fmt(value)))
 
+    def fraction(t: Timing) -> float:
+        """Achieved GB/s over copy GB/s; per round (then the median) when the copy was interleaved."""
+        if copy_timing is not None and t.paired and copy_timing.paired and len(t.samples) == len(copy_timing.samples):
+            return statistics.median(bytes_moved * c / (copy_bytes * s) for s, c in zip(t.samples, copy_timing.samples))
+        return bytes_moved / (t.median_ms * 1e-3) / 1e9 / copy_gbs
+
+    if copy_timing is not None:
+        add(COPY, "gbps", copy_bytes / (copy_timing.median_ms * 1e-3) / 1e9)
     peers = [p for p in PEERS if p in timings]
     best_peer = min(peers, key=lambda p: timings[p].median_ms) if peers else None
     for name, t in timings.items():
@@ -474,10 +495,9 @@ def _derived_rows(op: str, size: str, timings: dict[str, Timing], bytes_moved: i
         add(name, "p20_ms", t.p20_ms)
         add(name, "p80_ms", t.p80_ms)
         if bytes_moved:
-            gbs = bytes_moved / (t.median_ms * 1e-3) / 1e9
-            add(name, "gbps", gbs)
+            add(name, "gbps", bytes_moved / (t.median_ms * 1e-3) / 1e9)
             if copy_gbs:
-                add(name, "bw_fraction", gbs / copy_gbs)
+                add(name, "bw_fraction", fraction(t))
         if name == baseline or name in PEERS:
             continue
         if baseline in timings:
@@ -535,7 +555,7 @@ def time_builders(op: str, size: str, builders: dict[str, Callable[[], Instance]
             return None
 
     def launches(name: str, case: Case) -> None:
-        if not count or (device.type != "cuda" and name.endswith("+compile")):
+        if not count or name == COPY or (device.type != "cuda" and name.endswith("+compile")):
             return  # inductor's CPU code bypasses the dispatcher: nothing honest to count
         case.before()
         n = count_launches(case.run, device)
@@ -576,11 +596,23 @@ def measure_kernel(op: str, size: str, builders: dict[str, Callable[[], Instance
                    budget_s: float | None = None, rounds: int = 200, min_rounds: int = 5,
                    count: bool = True, baseline: str = BASELINE) -> tuple[list[dict], list[str]]:
     """:func:`time_builders`, plus the derived rows: GB/s from ``bytes_moved`` (the per-call traffic
-    of DESIGN.md's op table), its fraction of ``copy_gbs``, and speed-ups over the ``baseline``
-    provider and the fastest peer. Returns (rows, notes)."""
+    of DESIGN.md's op table), its fraction of the copy bandwidth (only when ``copy_gbs``, the run's
+    copy bandwidth, is given), and speed-ups over the ``baseline`` provider and the fastest peer.
+    Returns (rows, notes).
+
+    On CPU the copy bandwidth drifts with what else the machine is doing (12 to 35 GB/s within
+    minutes on the shared test machine), so the fraction uses a large copy timed as one more
+    provider in the same interleaved rounds (row provider ``copy``), per round; on CUDA the run's
+    ``copy_gbs`` is stable enough.
+    """
+    paired_copy = device.type != "cuda" and bool(bytes_moved) and copy_gbs is not None
+    if paired_copy:
+        builders = {**builders, COPY: copy_builder(device)}
     timings, rows, notes = time_builders(op, size, builders, device, instance_bytes=instance_bytes,
                                          budget_s=budget_s, rounds=rounds, min_rounds=min_rounds, count=count)
-    rows.extend(_derived_rows(op, size, timings, bytes_moved, copy_gbs, baseline))
+    copy_timing = timings.pop(COPY, None)
+    rows.extend(_derived_rows(op, size, timings, bytes_moved, copy_gbs, baseline, copy_timing,
+                              2 * copy_buffer_bytes(device)))
     return rows, notes
 
 

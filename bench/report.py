@@ -51,7 +51,7 @@ def device_section(device: str, rows: list[dict], png_dir: str | None) -> list[s
     copy = next((float(r["value"]) for r in rows if r["op"] == "copy" and r["metric"] == "gbps"), None)
     lines = [f"#### {device}", "",
              f"torch {first['torch']}, triton {first['triton']}, commit `{first['commit']}`, {first['timestamp']}"
-             + (f"; copy bandwidth {copy:.1f} GB/s (read + write)." if copy else "."), ""]
+             + (f"; copy bandwidth at the start of the run {copy:.1f} GB/s (read + write)." if copy else "."), ""]
 
     # Optimizer-side ops.
     body = []
@@ -82,7 +82,9 @@ def device_section(device: str, rows: list[dict], png_dir: str | None) -> list[s
     if body:
         lines += ["Optimizer side of a SAM step (no forward/backward), median ms; speed-ups are medians of "
                   "per-round ratios; *of copy* is the achieved GB/s (DESIGN.md's bytes) over the copy "
-                  "bandwidth; launches are device kernels (GPU) or dispatched aten ops (CPU):", ""]
+                  "bandwidth (on CPU a copy timed in the same rounds; one CPU copy stream is not the ceiling, "
+                  "so values above 100% occur); launches are device kernels (GPU) or dispatched aten ops "
+                  "(CPU):", ""]
         lines += _table(["op", "set", "fastsam", "baseline", "peer", "x baseline", "x peer", "of copy",
                          "launches fastsam / baseline / peer", "torch.compile"], body)
         lines.append("")
