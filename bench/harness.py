@@ -22,7 +22,8 @@ a 256 MB buffer before every call, which flushes the L2 already.
 
 Results are appended as rows ``(op, provider, size, metric, value, device, torch, triton, commit,
 timestamp)`` to a CSV file under ``bench/results/``; every row of one ``fastsam bench`` run shares
-one timestamp, which is how plots and the README report find "the latest run on a device".
+one timestamp, which is how plots and the README report find the latest measurement of each
+(device, op, size).
 """
 
 from __future__ import annotations
@@ -446,14 +447,17 @@ def read_rows(path: Path | str | None = None) -> list[dict]:
 
 
 def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
-    """Per device, the rows of its most recent run (rows sharing the latest timestamp)."""
-    latest: dict[str, str] = {}
+    """Per device, the latest measurement of every (op, size): the rows of the most recent run that
+    measured it. Each (op, size) group thus comes from one run (its providers side by side), and a
+    partial run (``--only``, ``--sets``, ``--compile``) updates just the groups it measured."""
+    latest: dict[tuple[str, str, str], str] = {}
     for r in rows:
-        if r["timestamp"] > latest.get(r["device"], ""):
-            latest[r["device"]] = r["timestamp"]
+        key = (r["device"], r["op"], r["size"])
+        if r["timestamp"] > latest.get(key, ""):
+            latest[key] = r["timestamp"]
     out: dict[str, list[dict]] = {}
     for r in rows:
-        if r["timestamp"] == latest[r["device"]]:
+        if r["timestamp"] == latest[(r["device"], r["op"], r["size"])]:
             out.setdefault(r["device"], []).append(r)
     return out
 

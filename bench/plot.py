@@ -1,4 +1,5 @@
-"""Plot the stored benchmark results: one PNG per device, from its latest run in the results file.
+"""Plot the stored benchmark results: one PNG per device, from its latest measurement of each
+(op, size) in the results file.
 
 Panels: for each optimizer-side op, the fraction of the measured copy bandwidth each provider
 reaches against the parameter set's size (values, log scale); SDS selection time against the batch
@@ -103,9 +104,10 @@ def plot_device(rows: list[dict], device: str, path: Path) -> Path:
         ax.legend(fontsize=7)
     for ax in panels:
         ax.axis("off")
-    first = rows[0]
-    fig.suptitle(f"{device}  (torch {first['torch']}, triton {first['triton']}, commit {first['commit']}, "
-                 f"{first['timestamp']})", fontsize=9)
+    latest = max(rows, key=lambda r: r["timestamp"])
+    stamps = sorted({r["timestamp"] for r in rows})
+    fig.suptitle(f"{device}  (torch {latest['torch']}, triton {latest['triton']}, commit {latest['commit']}, "
+                 f"{stamps[0]}" + (f" ... {stamps[-1]}" if len(stamps) > 1 else "") + ")", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

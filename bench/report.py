@@ -46,12 +46,14 @@ def _x(v: float | None) -> str:
 
 
 def device_section(device: str, rows: list[dict], png_dir: str | None) -> list[str]:
-    first = rows[0]
     m = _metrics(rows)
     copy = next((float(r["value"]) for r in rows if r["op"] == "copy" and r["metric"] == "gbps"), None)
-    lines = [f"#### {device}", "",
-             f"torch {first['torch']}, triton {first['triton']}, commit `{first['commit']}`, {first['timestamp']}"
-             + (f"; copy bandwidth at the start of the run {copy:.1f} GB/s (read + write)." if copy else "."), ""]
+    runs = sorted({(r["timestamp"], r["torch"], r["triton"], r["commit"]) for r in rows}, reverse=True)
+    lines = [f"#### {device}", ""]
+    lines += [("Runs: " if len(runs) > 1 else "Run: ")
+              + "; ".join(f"{t} (torch {tv}, triton {trv}, commit `{c}`)" for t, tv, trv, c in runs)
+              + (f". Copy bandwidth at the start of the latest run: {copy:.1f} GB/s (read + write)." if copy else "."),
+              ""]
 
     # Optimizer-side ops.
     body = []

@@ -182,11 +182,13 @@ def test_size_labels_and_latest_runs():
     assert harness.size_value("resnet18:62x11173962") == 11173962
     assert harness.size_value("B=4096,k=2048") == 4096
     assert math.isnan(harness.size_value("batch=8,image=16"))
-    rows = [dict(device="d1", timestamp="2026-01-01T00:00:00Z", op="a"),
-            dict(device="d1", timestamp="2026-02-01T00:00:00Z", op="b"),
-            dict(device="d2", timestamp="2026-01-01T00:00:00Z", op="c")]
+    jan, feb = "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"
+    rows = [dict(device="d1", timestamp=jan, op="a", size="s", provider="old"),
+            dict(device="d1", timestamp=jan, op="b", size="s", provider="kept"),
+            dict(device="d1", timestamp=feb, op="a", size="s", provider="new"),
+            dict(device="d2", timestamp=jan, op="a", size="s", provider="other")]
     runs = harness.latest_runs(rows)
-    assert [r["op"] for r in runs["d1"]] == ["b"] and [r["op"] for r in runs["d2"]] == ["c"]
+    assert [r["provider"] for r in runs["d1"]] == ["kept", "new"] and [r["provider"] for r in runs["d2"]] == ["other"]
 
 
 def test_append_rows_fills_environment_and_keeps_one_header(tmp_path):
