@@ -6,7 +6,7 @@ not included: this is the part fastsam's kernels replace (``bench_e2e`` measures
 
 Providers: ``fastsam.SAM`` per backend, the per-parameter baseline, pytorch-optimizer's SAM
 (foreach off/on); with ``--compile`` also fastsam's torch-backend ops and the plain foreach version
-of both halves under one ``torch.compile``.
+under ``torch.compile`` (each half compiled on its own: see the note in ``builders``).
 
 Run: ``python -m fastsam.bench.bench_sam_step --set resnet18 --base sgd``.
 """
@@ -47,23 +47,29 @@ def builders(shapes, device: torch.device, base: str, compile_: bool = False) ->
     if compile_:
         second_fastsam, second_plain = compiled_second_step(base)
 
-        def fastsam_ops(w, g, b, state):
-            norm = ops.grad_norm(g, backend="torch")
-            ops.perturb_(w, g, b, norm, providers.RHO, backend="torch")
-            second_fastsam(w, g, b, state)
+        def first_fastsam(w, g, b):
+            ops.perturb_(w, g, b, ops.grad_norm(g, backend="torch"), providers.RHO, backend="torch")
 
-        def plain(w, g, b, state):
+        def first_plain(w, g, b):
             foreach_first_step(w, g, b, providers.RHO)
-            second_plain(w, g, b, state)
 
-        for name, fn in (("fastsam-torch+compile", fastsam_ops), ("foreach+compile", plain)):
-            def make(fn=fn):
-                step = providers.compile_fn(fn, len(shapes))
+        # [note: two compiled halves] Each half is compiled on its own, as in training, where the
+        # model's forward/backward runs between them. One graph over both would let inductor drop
+        # the perturbation as a dead store (w + e is overwritten by the restore, never read).
+        for name, first, second in (("fastsam-torch+compile", first_fastsam, second_fastsam),
+                                    ("foreach+compile", first_plain, second_plain)):
+            def make(first=first, second=second):
+                first_c = providers.compile_fn(first, len(shapes))
+                second_c = providers.compile_fn(second, len(shapes))
                 w = providers.make_tensors(shapes, device, next(seeds))
                 g = providers.make_tensors(shapes, device, next(seeds), 1e-3)
                 b = [torch.empty_like(t) for t in w]
                 state = compiled_state(base, w)
-                return Instance(lambda: step(w, g, b, state))
+
+                def sam_step():
+                    first_c(w, g, b)
+                    second_c(w, g, b, state)
+                return Instance(sam_step)
             out[name] = make
     return out, notes
 

@@ -86,7 +86,7 @@ def device_section(device: str, rows: list[dict], png_dir: str | None) -> list[s
                   "per-round ratios; *of copy* is the achieved GB/s (DESIGN.md's bytes) over the copy "
                   "bandwidth (on CPU a copy timed in the same rounds; one CPU copy stream is not the ceiling, "
                   "so values above 100% occur); launches are device kernels (GPU) or dispatched aten ops "
-                  "(CPU):", ""]
+                  "(CPU); a provider missing from a row was skipped, and `fastsam bench` prints why:", ""]
         lines += _table(["op", "set", "fastsam", "baseline", "peer", "x baseline", "x peer", "of copy",
                          "launches fastsam / baseline / peer", "torch.compile"], body)
         lines.append("")
