@@ -28,9 +28,32 @@ def read_version():
         return re.search(r'__version__\s*=\s*"([^"]+)"', f.read()).group(1)
 
 
+def nvcc_release(cuda_home: str) -> str | None:
+    """``major.minor`` of the toolkit's nvcc, or None if it cannot be run."""
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{found.group(1)}.{found.group(2)}" if found else None
+
+
+def toolkit_mismatch(torch_cuda: str, toolkit: str) -> str | None:
+    """Why a toolkit cannot build for this torch (major versions differ, as apex refuses), or None."""
+    if torch_cuda.split(".")[0] != toolkit.split(".")[0]:
+        return (f"the CUDA toolkit is {toolkit} but torch was built with CUDA {torch_cuda}; the major versions must "
+                f"match (install a CUDA {torch_cuda.split('.')[0]}.x toolkit and point CUDA_HOME at it)")
+    return None
+
+
 def cuda_extension():
     """Return (ext_modules, cmdclass) for fastsam._C, or empty ones with a one-line reason."""
     flag = os.environ.get("FASTSAM_BUILD_CUDA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"FASTSAM_BUILD_CUDA must be 0 or 1, got {flag!r}")
     if flag == "0":
         print("fastsam: FASTSAM_BUILD_CUDA=0, not building the CUDA extension", file=sys.stderr)
         return [], {}
@@ -55,11 +78,23 @@ def cuda_extension():
         return skip("this torch build has no CUDA support")
     if CUDA_HOME is None:
         return skip("no CUDA toolkit found (CUDA_HOME unset and nvcc not on PATH)")
+    toolkit = nvcc_release(CUDA_HOME)
+    if toolkit is None:
+        return skip(f"nvcc under {CUDA_HOME} did not report its version")
+    mismatch = toolkit_mismatch(torch.version.cuda, toolkit)
+    if mismatch:
+        return skip(mismatch)
+    # torch's build honours TORCH_CUDA_ARCH_LIST (default: the visible GPUs, else every arch this torch
+    # supports) and MAX_JOBS (parallel ninja jobs); say which applies.
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "torch's default archs"
+    print(f"fastsam: building the CUDA extension with CUDA {toolkit} for {archs} "
+          f"(MAX_JOBS={os.environ.get('MAX_JOBS', 'default')})", file=sys.stderr)
     ext = CUDAExtension(
         name="fastsam._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-lineinfo", "-std=c++17"]},
+        # No -std flag: torch adds the C++ standard its headers need (C++17 or C++20).
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
@@ -91,6 +126,7 @@ setup(
         "fastsam.kernels": "kernels",
         "fastsam.bench": "bench",
     },
+    package_data={"fastsam": ["auto_table.json"]},
     install_requires=["torch>=2.11", "tqdm"],
     extras_require={
         "triton": ["triton>=3.6"],

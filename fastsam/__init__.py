@@ -7,11 +7,16 @@ kernels on GPUs, and a pure-torch backend that gives the same results on any dev
 
 from . import ops
 from .optim import ASAM, SAM, FisherSAM
+from .optim import ESAM, MSAM
+from . import distributed
+from .optim import GSAM, LookSAM, RhoScheduler
 from .utils import disable_running_stats, enable_running_stats, frozen_running_stats
 from .version import __version__
 
 __all__ = [
     "SAM", "ASAM", "FisherSAM",
+    "ESAM", "MSAM", "distributed",
+    "GSAM", "LookSAM", "RhoScheduler",
     "ops", "frozen_running_stats", "disable_running_stats", "enable_running_stats",
     "__version__",
 ]

@@ -2,29 +2,127 @@
 
 A missing or broken extension never breaks ``import fastsam``: the failure is recorded here,
 ``fastsam info`` prints it, and the Triton / torch backends serve instead.
+
+Where it comes from, first match wins:
+
+* ``fastsam._C``, built by ``setup.py`` (``pip install --no-build-isolation -e .`` with a CUDA build of
+  torch and a CUDA toolkit of the same major version);
+* a JIT build of the source tree's ``csrc/`` with ``torch.utils.cpp_extension.load`` (ninja), for
+  editable installs: opt in with ``FASTSAM_CUDA_JIT=1`` (built on first use, cached by torch under
+  ``TORCH_EXTENSIONS_DIR``) or call :func:`build_jit` explicitly.
+
+Loading is lazy: it happens the first time a backend's availability is asked (the first
+``backend="auto"`` resolution on a CUDA device, or ``fastsam info``), not at ``import fastsam``.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
+
+# Must equal kAbiVersion in csrc/launchers.h: a build from other sources is refused, not half-used.
+ABI_VERSION = 1
+JIT_ENV = "FASTSAM_CUDA_JIT"
+JIT_NAME = "fastsam_cuda_jit"
 
 _module = None
 _reason: str | None = None
 
 
-def load():
-    """Import ``fastsam._C`` once; return the module or ``None`` (see :func:`status` for why)."""
+def source_dir() -> Path:
+    """``csrc/`` of the source tree this package was imported from (exists for editable installs)."""
+    return Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _jit_requested() -> bool:
+    return os.environ.get(JIT_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _loaded_abi() -> int:
+    import torch
+
+    return int(torch.ops.fastsam_cuda.abi_version())
+
+
+def _accept(module) -> None:
+    """Check the ABI of a freshly imported extension and finish setting it up."""
     global _module, _reason
+    try:
+        abi = _loaded_abi()
+    except Exception as exc:
+        _module = None
+        _reason = f"the CUDA extension loaded but its operators are missing ({exc.__class__.__name__}: {exc})"
+        return
+    if abi != ABI_VERSION:
+        _module, _reason = None, (f"the CUDA extension was built from other sources (ABI {abi}, this fastsam expects "
+                                  f"{ABI_VERSION}); rebuild it: `pip install --no-build-isolation -e .`")
+        return
+    _module, _reason = module, None
+    from fastsam.ops import _cuda_common
+
+    _cuda_common.register_fakes()
+
+
+def load():
+    """Load the extension once; return the module or ``None`` (see :func:`status` for why)."""
+    global _reason
     if _module is not None or _reason is not None:
         return _module
     try:
-        _module = importlib.import_module("fastsam._C")
-    except ModuleNotFoundError:
-        _reason = ("the CUDA extension fastsam._C is not built (it needs a CUDA build of torch and nvcc "
-                   "at install time: `pip install --no-build-isolation -e .`)")
+        module = importlib.import_module("fastsam._C")
+    except ModuleNotFoundError as exc:
+        if exc.name != "fastsam._C":
+            _reason = f"the CUDA extension fastsam._C failed to load: {exc.__class__.__name__}: {exc}"
+            return None
+        if _jit_requested():
+            return build_jit()
+        _reason = ("the CUDA extension fastsam._C is not built (it needs a CUDA build of torch and nvcc at install "
+                   "time: `pip install --no-build-isolation -e .`, or set FASTSAM_CUDA_JIT=1 to compile it on first "
+                   "use)")
+        return None
     except Exception as exc:  # built against another torch, missing CUDA runtime, ...
         _reason = f"the CUDA extension fastsam._C failed to load: {exc.__class__.__name__}: {exc}"
+        return None
+    _accept(module)
     return _module
+
+
+def build_jit(verbose: bool = False):
+    """Compile ``csrc/`` now with ``torch.utils.cpp_extension.load`` and use the result.
+
+    Honours ``TORCH_CUDA_ARCH_LIST`` and ``MAX_JOBS`` like any torch extension build. Returns the
+    module, or ``None`` with the reason in :func:`status`.
+    """
+    global _module, _reason
+    if _module is not None:
+        return _module
+    src = source_dir()
+    sources = sorted(str(p) for p in src.glob("*.cu")) + sorted(str(p) for p in src.glob("*.cpp"))
+    if not sources:
+        _reason = f"a JIT build needs the source tree's csrc/ (not found at {src}; use an editable install)"
+        return None
+    try:
+        import torch
+        from torch.utils import cpp_extension
+
+        if torch.version.cuda is None:
+            raise RuntimeError("this torch build has no CUDA support")
+        module = cpp_extension.load(name=JIT_NAME, sources=sources, extra_include_paths=[str(src)],
+                                    extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"], verbose=verbose)
+    except Exception as exc:
+        _module, _reason = None, f"the JIT build of the CUDA extension failed: {exc.__class__.__name__}: {exc}"
+        return None
+    _accept(module)
+    from fastsam.ops import _dispatch
+
+    _dispatch.clear_caches()
+    return _module
+
+
+def loaded() -> bool:
+    """Whether the extension is loaded already (never triggers a load)."""
+    return _module is not None
 
 
 def status() -> tuple[bool, str]:

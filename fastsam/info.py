@@ -30,6 +30,8 @@ def collect() -> dict:
     probe = {}
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         probe[dev] = ops.resolve("perturb", "auto", torch.device(dev), torch.float32)[0]
+    from fastsam.ops import _autotune
+
     return {
         "fastsam": __version__,
         "python": sys.version.split()[0],
@@ -42,6 +44,7 @@ def collect() -> dict:
         "backends": backends,
         f"{ops.ENV_VAR}": os.environ.get(ops.ENV_VAR, "(unset)"),
         "auto picks (fp32 perturb)": probe,
+        "auto order source (cuda)": _autotune.describe("cuda") if torch.cuda.is_available() else "n/a (no GPU)",
     }
 
 

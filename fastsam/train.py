@@ -18,7 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-OPTIMIZERS = ("sgd", "sam", "asam", "fishersam")
+OPTIMIZERS = ("sgd", "sam", "asam", "fishersam", "esam", "msam")
+# Optimizers that run their own passes from a per-sample-loss closure (fastsam.ESAM, fastsam.MSAM).
+CLOSURE_DRIVEN = ("esam", "msam")
+MSAM_MICRO_BATCHES = 4
 
 
 def load_digits_tensors(noise: float, seed: int, device: torch.device):
@@ -60,7 +63,7 @@ class DigitsNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def make_optimizer(name: str, params, lr: float, backend: str):
+def make_optimizer(name: str, params, lr: float, backend: str, model=None):
     import fastsam
 
     common = dict(lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -72,6 +75,12 @@ def make_optimizer(name: str, params, lr: float, backend: str):
         return fastsam.ASAM(params, torch.optim.SGD, rho=0.5, eta=0.01, backend=backend, **common)
     if name == "fishersam":
         return fastsam.FisherSAM(params, torch.optim.SGD, rho=0.1, eta=1.0, backend=backend, **common)
+    if name == "esam":
+        return fastsam.ESAM(params, torch.optim.SGD, rho=0.05, beta=0.5, gamma=0.5, model=model, backend=backend,
+                            **common)
+    if name == "msam":
+        return fastsam.MSAM(params, torch.optim.SGD, rho=0.05, micro_batches=MSAM_MICRO_BATCHES, model=model,
+                            backend=backend, **common)
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
@@ -97,7 +106,7 @@ def train_one(name, data, init_state, args, progress) -> RunResult:
     x_train, y_train, x_test, y_test = data
     model = DigitsNet().to(x_train.device)
     model.load_state_dict(init_state)
-    opt = make_optimizer(name, model.parameters(), args.lr, args.backend)
+    opt = make_optimizer(name, model.parameters(), args.lr, args.backend, model=model)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
     gen = torch.Generator().manual_seed(args.seed + 1)
     best, epoch_times = 0.0, []
@@ -106,7 +115,18 @@ def train_one(name, data, init_state, args, progress) -> RunResult:
         perm = torch.randperm(len(y_train), generator=gen).to(x_train.device)
         for i in range(0, len(perm), args.batch_size):
             idx = perm[i:i + args.batch_size]
+            if name == "msam":  # the shards must split the batch evenly: drop the last batch's remainder
+                idx = idx[:len(idx) // MSAM_MICRO_BATCHES * MSAM_MICRO_BATCHES]
+                if len(idx) == 0:
+                    continue
             xb, yb = x_train[idx], y_train[idx]
+            if name in CLOSURE_DRIVEN:
+                def closure(indices=None, xb=xb, yb=yb):
+                    xs, ys = (xb, yb) if indices is None else (xb[indices], yb[indices])
+                    return F.cross_entropy(model(xs), ys, reduction="none")
+
+                opt.step(closure, **({"batch_size": len(yb)} if name == "msam" else {}))
+                continue
             F.cross_entropy(model(xb), yb).backward()
             if name == "sgd":
                 opt.step()

@@ -37,6 +37,14 @@ def test_train_prints_accuracy_and_time_per_optimizer():
     assert "epoch" in out.stderr  # the progress bar
 
 
+def test_train_runs_the_closure_driven_optimizers():
+    out = run("train", "--epochs", "1", "--optimizers", "esam,msam")
+    assert out.returncode == 0, out.stderr
+    rows = [l.split() for l in out.stdout.splitlines() if l.split() and l.split()[0] in ("esam", "msam")]
+    assert [r[0] for r in rows] == ["esam", "msam"]
+    assert all(0.3 < float(r[1]) <= 1.0 for r in rows)
+
+
 @pytest.mark.parametrize("args,message", [(["--optimizers", "adam"], "unknown optimizer"),
                                           (["--noise", "1.5"], "--noise")])
 def test_train_rejects_bad_arguments(args, message):

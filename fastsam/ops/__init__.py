@@ -10,6 +10,10 @@ Ops (each in its own file, same name as its kernel in ``kernels/`` and ``csrc/``
 ``restore_adamw_step_``    ``w = backup`` fused with a ``torch.optim.AdamW`` step
 ``sds_select``             ESAM's data selection: indices of the k sharpest samples
 ``sds_weights``            its soft variant: softmax of the per-sample sharpness
+``grad_dot``               ``(<a, b>, ||a||^2, ||b||^2)`` of two gradient lists in one pass
+``gsam_combine_``          GSAM's direction ``g_p - alpha * g_perp``, in place
+``looksam_orthogonal_``    LookSAM's ``g_v = g_s - (<g, g_s>/||g||^2) g`` and its squared norm
+``looksam_combine_``       LookSAM's cheap-step direction ``g + alpha (||g||/||g_v||) g_v``, in place
 =========================  ====================================================================
 
 Every op accepts lists of tensors, splits them into (device, dtype) buckets and runs a constant
@@ -30,7 +34,11 @@ from ._dispatch import (
     set_auto_order,
     supports,
 )
+from ._autotune import autotune
+from .grad_dot import grad_dot
 from .grad_norm import MODES, grad_norm, grad_sq_norm
+from .gsam_combine import gsam_combine_
+from .looksam_combine import looksam_combine_, looksam_orthogonal_
 from .perturb import perturb_
 from .restore import restore_
 from .restore_adamw_step import restore_adamw_step_
@@ -39,7 +47,8 @@ from .sds_select import sds_k, sds_select, sds_weights
 
 __all__ = [
     "BACKENDS", "ENV_VAR", "MODES", "BackendUnavailableError", "auto_order", "backend_status", "check_backend",
-    "implementations", "register", "resolve", "set_auto_order", "supports",
+    "implementations", "register", "resolve", "set_auto_order", "supports", "autotune",
     "grad_norm", "grad_sq_norm", "perturb_", "restore_", "restore_sgd_step_", "restore_adamw_step_",
     "sds_k", "sds_select", "sds_weights",
+    "grad_dot", "gsam_combine_", "looksam_orthogonal_", "looksam_combine_",
 ]

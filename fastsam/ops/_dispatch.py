@@ -38,7 +38,8 @@ TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
 _registry: dict[str, dict[str, Callable]] = {}
 
 # Auto order per (op, device type). The defaults put the compiled kernels first on CUDA; a table
-# of measured winners (see ``set_auto_order``) replaces them per op once benchmarks exist.
+# of measured winners (see ``set_auto_order`` and ``_autotune.py``) replaces them per op once
+# benchmarks exist.
 _DEFAULT_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}
 _auto_order: dict[tuple[str, str], tuple[str, ...]] = {}
 
@@ -183,6 +184,10 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
     if not impls:
         raise KeyError(f"no op named {op!r} is registered")
     if name == "auto":
+        if device.type == "cuda":
+            from . import _autotune  # measured orders (table or opt-in probe), applied once per process
+
+            _autotune.ensure_measured_order(device)
         for candidate in auto_order(op, device.type):
             if supports(candidate, op, device, dtype)[0]:
                 _resolved[key] = (candidate, impls[candidate])

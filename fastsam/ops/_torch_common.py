@@ -34,12 +34,16 @@ except Exception:  # pragma: no cover - very old or unusual builds
 def has_fused_kernels(device: torch.device, dtype: torch.dtype, kind: str = "sgd") -> bool:
     """Whether torch's fused ``kind`` ("sgd" or "adamw") kernel can serve this (device, dtype).
 
+    Never inside ``torch.compile``: the fused kernels have no meta implementation for every overload,
+    and inductor fuses the plain foreach/where path into one kernel per tensor anyway.
+
     [note: torch's CPU fused SGD and half precision]
-    In torch 2.13 the CPU ``_fused_sgd_`` kernel returns wrong values for fp16/bf16 tensors of 16 or
-    more elements (its vectorised path; fp32 is fine, and so is the CPU fused AdamW). The torch
-    backend therefore sends half-precision CPU buckets through the packed fp32 path instead.
+    In torch 2.12-2.13 the CPU ``_fused_sgd_`` kernel silently skips or corrupts the vectorised part
+    of fp16/bf16 updates (pytorch/pytorch#191763, fixed upstream by #192545; fp32 and the CPU fused
+    AdamW are fine). The torch backend therefore sends half-precision CPU buckets through the packed
+    fp32 path; ``tests/test_restore_sgd_step.py`` would catch a regression either way.
     """
-    if device.type not in _FUSED_DEVICES:
+    if device.type not in _FUSED_DEVICES or torch.compiler.is_compiling():
         return False
     if dtype == torch.float64:
         return device.type == "cpu"
@@ -97,5 +101,6 @@ def add_scaled_or_skip_(params: list[torch.Tensor], directions: list[torch.Tenso
                           grad_scale=None, found_inf=skip)
         return
     keep = skip == 0
-    for p, d in zip(params, directions):
-        p.copy_(torch.where(keep, p + scale.to(p.dtype) * d, p))
+    moved = torch._foreach_add(params, torch._foreach_mul(directions, scale.to(dtype)))
+    for p, m in zip(params, moved):
+        p.copy_(torch.where(keep, m, p))

@@ -100,3 +100,23 @@ def grad_sq_norm_torch(grads, params, mode: str, eta: float) -> torch.Tensor:
             grads, params = [pack_fp32(grads)], [pack_fp32(params)]
         norms = torch._foreach_norm(scaled_grads_torch(grads, params, mode, eta), 2, dtype=FP32)
     return torch.stack(norms).square().sum()
+
+
+# --------------------------------------------------------------------------------------------
+# cuda backend (csrc/grad_norm.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("grad_norm", "cuda")
+def grad_sq_norm_cuda(grads, params, mode: str, eta: float) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=FP32)
+    return _cuda.call("grad_sq_norm", (grads, params if mode == "adaptive" else [], mode, float(eta)),
+                      grad_sq_norm_torch, (grads, params, mode, eta))
+
+
+@_cuda.fake("grad_sq_norm")
+def _grad_sq_norm_fake(grads, params, norm_mode, eta):
+    return grads[0].new_empty((), dtype=torch.float32)

@@ -107,3 +107,24 @@ def perturb_torch(params, grads, backups, norm, rho, mode, eta, eps, beta, seed,
     add_scaled_or_skip_(work_w, d, scale, skip)
     if low:
         unpack_into_(params, work_w[0])
+
+
+# --------------------------------------------------------------------------------------------
+# cuda backend (csrc/perturb.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("perturb", "cuda")
+def perturb_cuda(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, offset) -> None:
+    if not params:
+        return
+    _cuda.call("perturb_", (params, grads, backups, norm, float(rho), mode, float(eta), float(eps), float(beta),
+                            _cuda.to_int64(seed), int(offset)),
+               perturb_torch, (params, grads, backups, norm, rho, mode, eta, eps, beta, seed, offset))
+
+
+@_cuda.fake("perturb_")
+def _perturb_fake(params, grads, backups, norm, rho, norm_mode, eta, eps, beta, seed, offset):
+    return None

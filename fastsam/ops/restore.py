@@ -31,3 +31,21 @@ def restore_(params: list[torch.Tensor], backups: list[torch.Tensor], *, backend
 def restore_torch(params, backups) -> None:
     if params:
         torch._foreach_copy_(params, backups)
+
+
+# --------------------------------------------------------------------------------------------
+# cuda backend (csrc/restore.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("restore", "cuda")
+def restore_cuda(params, backups) -> None:
+    if params:
+        _cuda.call("restore_", (params, backups), restore_torch, (params, backups))
+
+
+@_cuda.fake("restore_")
+def _restore_fake(params, backups):
+    return None

@@ -105,3 +105,31 @@ def _adamw_step_foreach_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         pairs = [(p, w), (exp_avgs[i], m), (exp_avg_sqs[i], v)] + ([(max_exp_avg_sqs[i], vmax)] if amsgrad else [])
         for dst, src in pairs:
             dst.copy_(src if keep is None else torch.where(keep, src.to(dst.dtype), dst))
+
+
+# --------------------------------------------------------------------------------------------
+# cuda backend (csrc/restore_adamw_step.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("restore_adamw_step", "cuda")
+def restore_adamw_step_cuda(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
+                            beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf) -> None:
+    if not params:
+        return
+    lr_tensor, lr_value = _cuda.lr_args(lr, params[0].device)
+    _cuda.call("restore_adamw_step_",
+               (params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], state_steps,
+                lr_tensor, lr_value, float(beta1), float(beta2), float(eps), float(weight_decay), bool(amsgrad),
+                bool(maximize), grad_scale, found_inf),
+               restore_adamw_step_torch,
+               (params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+                weight_decay, amsgrad, maximize, grad_scale, found_inf))
+
+
+@_cuda.fake("restore_adamw_step_")
+def _restore_adamw_step_fake(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr_tensor,
+                             lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
+    return None

@@ -117,3 +117,31 @@ def _sgd_step_foreach_(params, grads, bufs, lr, momentum, dampening, nesterov, w
         p.copy_(new_w[i] if keep is None else torch.where(keep, new_w[i], p))
         if new_bufs is not None:
             bufs[i].copy_(new_bufs[i] if keep is None else torch.where(keep, new_bufs[i], bufs[i]))
+
+
+# --------------------------------------------------------------------------------------------
+# cuda backend (csrc/restore_sgd_step.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("restore_sgd_step", "cuda")
+def restore_sgd_step_cuda(params, grads, backups, momentum_buffers, lr, momentum, dampening, nesterov,
+                          weight_decay, maximize, is_first_step, grad_scale, found_inf) -> None:
+    if not params:
+        return
+    lr_tensor, lr_value = _cuda.lr_args(lr, params[0].device)
+    _cuda.call("restore_sgd_step_",
+               (params, grads, backups, momentum_buffers if momentum != 0 else [], lr_tensor, lr_value,
+                float(momentum), float(dampening), bool(nesterov), float(weight_decay), bool(maximize),
+                bool(is_first_step), grad_scale, found_inf),
+               restore_sgd_step_torch,
+               (params, grads, backups, momentum_buffers, lr, momentum, dampening, nesterov, weight_decay, maximize,
+                is_first_step, grad_scale, found_inf))
+
+
+@_cuda.fake("restore_sgd_step_")
+def _restore_sgd_step_fake(params, grads, backups, momentum_buffers, lr_tensor, lr, momentum, dampening, nesterov,
+                           weight_decay, maximize, is_first_step, grad_scale, found_inf):
+    return None

@@ -84,3 +84,32 @@ def sds_select_torch(loss_before, loss_after, k: int) -> torch.Tensor:
 @register("sds_weights", "torch")
 def sds_weights_torch(loss_before, loss_after, temperature: float) -> torch.Tensor:
     return torch.softmax(sharpness_fp32(loss_before, loss_after) / temperature, dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# cuda backend (csrc/sds_select.cu, csrc/sds_weights.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("sds_select", "cuda")
+def sds_select_cuda(loss_before, loss_after, k: int) -> torch.Tensor:
+    # Batches beyond the one-launch ranking kernel's limit fall back to the torch sort.
+    return _cuda.call("sds_select", (loss_before, loss_after, int(k)), sds_select_torch, (loss_before, loss_after, k))
+
+
+@register("sds_weights", "cuda")
+def sds_weights_cuda(loss_before, loss_after, temperature: float) -> torch.Tensor:
+    return _cuda.call("sds_weights", (loss_before, loss_after, float(temperature)), sds_weights_torch,
+                      (loss_before, loss_after, temperature))
+
+
+@_cuda.fake("sds_select")
+def _sds_select_fake(loss_before, loss_after, k):
+    return loss_before.new_empty((k,), dtype=torch.int64)
+
+
+@_cuda.fake("sds_weights")
+def _sds_weights_fake(loss_before, loss_after, temperature):
+    return loss_before.new_empty(loss_before.shape, dtype=torch.float32)

@@ -21,6 +21,8 @@ import torch
 
 from fastsam import ops
 
+from ._sharding import local_list as _local
+
 try:  # torch's dtype for optimizer step counters (fp32 unless the default dtype is fp64)
     from torch.optim.optimizer import _get_scalar_dtype
 except Exception:  # pragma: no cover
@@ -50,7 +52,7 @@ class FusedSGDStep(FusedBaseStep):
                   weight_decay=group["weight_decay"], maximize=group.get("maximize", False),
                   grad_scale=grad_scale, found_inf=found_inf, backend=backend)
         if momentum == 0:
-            ops.restore_sgd_step_(params, grads, backups, [], is_first_step=False, **kw)
+            ops.restore_sgd_step_(_local(params), _local(grads), _local(backups), [], is_first_step=False, **kw)
             return
         # torch.optim.SGD starts the buffer as a copy of the first gradient (no dampening), so
         # parameters without a buffer yet take the "first step" form of the update.
@@ -66,8 +68,8 @@ class FusedSGDStep(FusedBaseStep):
                 if first:
                     st["momentum_buffer"] = torch.empty_like(params[i], memory_format=torch.preserve_format)
                 bufs.append(st["momentum_buffer"])
-            ops.restore_sgd_step_([params[i] for i in idx], [grads[i] for i in idx], [backups[i] for i in idx],
-                                  bufs, is_first_step=first, **kw)
+            ops.restore_sgd_step_(_local([params[i] for i in idx]), _local([grads[i] for i in idx]),
+                                  _local([backups[i] for i in idx]), _local(bufs), is_first_step=first, **kw)
 
 
 class FusedAdamWStep(FusedBaseStep):
@@ -104,7 +106,8 @@ class FusedAdamWStep(FusedBaseStep):
             if amsgrad:
                 max_sqs.append(st["max_exp_avg_sq"])
         beta1, beta2 = group["betas"]
-        ops.restore_adamw_step_(params, grads, backups, exp_avgs, exp_avg_sqs, max_sqs, steps, lr=group["lr"],
+        ops.restore_adamw_step_(_local(params), _local(grads), _local(backups), _local(exp_avgs), _local(exp_avg_sqs),
+                                _local(max_sqs), steps, lr=group["lr"],
                                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                                 amsgrad=amsgrad, maximize=group.get("maximize", False), grad_scale=grad_scale,
                                 found_inf=found_inf, backend=backend)

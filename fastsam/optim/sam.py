@@ -10,6 +10,11 @@ One SAM step, with ``g`` the gradient at ``w`` over all parameters of the optimi
 ``adaptive=True`` is ASAM's scale-invariant version (Kwon et al., ICML 2021): with ``T = |w| + eta``,
 ``e = rho * T^2 g / (||T g|| + eps)``.
 
+``every=k`` is interval SAM: only every k-th step (steps 0, k, 2k, ... of the counter kept in
+``state_dict()``) is a SAM step; the others are plain base steps with one forward/backward, the
+cheapest way to trade sharpness-awareness for speed. ``needs_second_pass`` says on the host, from
+that counter, whether the coming step perturbs.
+
 The arithmetic runs in fastsam's fused ops (``fastsam.ops``); this class only decides what to
 run. No host synchronisation happens inside a step: the norm, the scale and the non-finite flag
 stay on the device, and weights are restored by an in-place copy.
@@ -23,8 +28,10 @@ from dataclasses import dataclass, field
 import torch
 
 from fastsam import ops
+from fastsam.distributed import check_dp_perturbation
 from fastsam.ops.grad_norm import check_mode
 
+from . import _sharding
 from .base_step import fused_base_step_for
 
 
@@ -39,6 +46,37 @@ class _Bucket:
     eta: float
     params: list = field(default_factory=list)
     grads: list = field(default_factory=list)
+
+
+@dataclass
+class _StepState:
+    """What a step leaves for the next call: the perturbed parameters (-> their backups), the norm.
+
+    [note: optimizer attributes under torch.compile]
+    torch.compile (dynamo) traces Optimizer objects specially and, as of torch 2.13, silently drops
+    plain attribute assignments made on them inside a compiled region. Everything a step writes
+    therefore lives on this small plain object (and in dicts mutated in place), whose attribute
+    writes dynamo does replay. Subclasses keep their own per-step state the same way.
+    """
+
+    perturbed: dict | None = None
+    grad_norm: torch.Tensor | None = None
+    perturbation_skipped: torch.Tensor | None = None
+    step_count: int = 0  # completed steps, SAM and cheap (interval SAM); saved in state_dict()
+    cheap_pending: bool = False  # first_step/second_step of a step that perturbs nothing
+    variant: dict = field(default_factory=dict)  # subclasses' per-step tensors (GSAM's g, LookSAM's g_v)
+
+
+def _check_every(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _scale_of(grad_scaler):
+    """A GradScaler's current scale as a device tensor (no host sync), or None when it is disabled."""
+    if not grad_scaler.is_enabled():
+        return None
+    return grad_scaler._get_scale_async()  # the scale tensor itself; get_scale() would sync
 
 
 def _check_nonneg(name: str, value) -> None:
@@ -58,8 +96,12 @@ class SAM(torch.optim.Optimizer):
         adaptive: ASAM's adaptive perturbation, ``T = |w| + eta``.
         eta: ASAM's offset in ``T`` (0 reproduces the widely used SAM class's ``adaptive=True``).
         perturb_eps: ``eps`` in ``rho / (norm + eps)``.
+        every: interval SAM: a SAM step every ``every``-th step, a plain base step otherwise (1: always SAM).
         backend: ``"auto"`` (default; ``FASTSAM_BACKEND`` may override it), ``"torch"``, ``"triton"``
             or ``"cuda"``. An explicit backend that cannot run raises with the reason.
+        dp_perturbation: under data parallelism, ``"global"`` (default: the first-pass gradient is
+            averaged across ranks before perturbing) or ``"local"`` (each rank perturbs with its own
+            gradient, i.e. mSAM with one shard per rank); see :mod:`fastsam.distributed`.
         **kwargs: options of the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
 
     Use either the two-call form::
@@ -75,10 +117,25 @@ class SAM(torch.optim.Optimizer):
     After ``first_step``, ``grad_norm`` holds the (device) norm used and ``perturbation_skipped`` a
     device bool that is True when the gradient was not finite and the weights were left as they were.
     ``state_dict()`` carries the base optimizer's state (momentum, Adam moments).
+
+    With ``every > 1`` (and in subclasses with cheap steps, such as LookSAM) some steps need no
+    second pass. ``needs_second_pass`` (a host bool from the step counter, no device sync) says
+    whether the coming step is a SAM step. ``step(closure)`` calls the closure only then. In the
+    two-call form, either keep calling both (on a cheap step ``first_step`` perturbs nothing and
+    ``second_step`` steps with whatever gradient is there, correct but without the saving), or skip
+    the second pass::
+
+        loss_fn(model(x), y).backward()
+        if opt.needs_second_pass:
+            opt.first_step(zero_grad=True)
+            loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)    # on a cheap step: no first_step needed
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
-                 eta: float = 0.0, perturb_eps: float = 1e-12, backend: str | None = "auto", **kwargs):
+                 eta: float = 0.0, perturb_eps: float = 1e-12, backend: str | None = "auto",
+                 dp_perturbation: str = "global", every: int = 1, **kwargs):
+        _check_every("every", every)
         _check_nonneg("rho", rho)
         _check_nonneg("eta", eta)
         _check_nonneg("perturb_eps", perturb_eps)
@@ -91,6 +148,7 @@ class SAM(torch.optim.Optimizer):
                                          and issubclass(base_optimizer, torch.optim.Optimizer)):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer class or instance, got {base_optimizer!r}")
         self.backend = ops.check_backend(backend)
+        self.dp_perturbation = check_dp_perturbation(dp_perturbation)
         self.perturb_eps = float(perturb_eps)
         super().__init__(params, dict(self._sam_defaults, **kwargs))
         for group in self.param_groups:
@@ -115,9 +173,26 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self._fused_base = fused_base_step_for(self.base_optimizer)
         self._backups: dict = {}
-        self._perturbed: dict | None = None
-        self.grad_norm: torch.Tensor | None = None
-        self.perturbation_skipped: torch.Tensor | None = None
+        self._step_state = _StepState()
+        self._every = int(every)
+        self._shard_groups = _sharding.shard_groups(self._param_list())
+        if self._shard_groups and not self._supports_sharded_params:
+            raise NotImplementedError(f"{type(self).__name__} does not support sharded (FSDP/DTensor) parameters yet; "
+                                      "SAM, ASAM and FisherSAM do")
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global norm the last ``first_step`` used (0-dim fp32 on the device), or None."""
+        return self._step_state.grad_norm
+
+    @property
+    def perturbation_skipped(self) -> torch.Tensor | None:
+        """Device bool: True when the last first-pass gradient was not finite and nothing moved."""
+        return self._step_state.perturbation_skipped
+
+    @property
+    def _perturbed(self) -> dict | None:
+        return self._step_state.perturbed
 
     # ------------------------------------------------------------------ hooks for subclasses
 
@@ -130,8 +205,55 @@ class SAM(torch.optim.Optimizer):
         return 1.0, 0, offset
 
     def _reduce_sq_norm(self, sq_norm: torch.Tensor) -> torch.Tensor:
-        """Combine the local squared norm across processes (identity unless distributed)."""
+        """Combine per-rank partial sums across processes: sharded (FSDP) parameters only.
+
+        Replicated data parallelism needs nothing here: with DDP the gradients are already averaged
+        (global perturbation) or deliberately local (``dp_perturbation="local"``).
+        """
+        if self._shard_groups:
+            return _sharding.all_reduce_sum_(sq_norm, self._shard_groups)
         return sq_norm
+
+    # GradScaler protocol: ``scaler.step(opt)`` sets ``opt.grad_scale`` / ``opt.found_inf`` (device
+    # tensors) and calls ``opt.step()``, which finishes the SAM step: the fused base step unscales and
+    # skips on the device, so AMP adds no host sync (see ``second_step``).
+    _step_supports_amp_scaling = True
+    # FSDP: SAM, ASAM and FisherSAM run on local shards; variants with extra per-step buffers opt in
+    # once they do too.
+    _supports_sharded_params = True
+
+    def _before_base_step(self, sam_step: bool) -> None:
+        """Rewrite ``.grad`` into the update direction just before the restore and base step.
+
+        ``sam_step`` is False on a cheap step (nothing perturbed). Validate before modifying: if this
+        raises, ``second_step`` restores the weights and re-raises. SAM uses the gradient as it is.
+        """
+
+    # ------------------------------------------------------------------ interval SAM
+
+    @property
+    def every(self) -> int:
+        """A SAM step every ``every``-th step; the steps between are cheap (one pass)."""
+        return self._every
+
+    @every.setter
+    def every(self, value: int) -> None:
+        _check_every("every", value)
+        self._every = int(value)
+
+    @property
+    def needs_second_pass(self) -> bool:
+        """Whether the coming step is a SAM step (perturbs, so needs a second forward/backward).
+
+        Decided on the host from the step counter: steps 0, every, 2 every, ... are SAM steps.
+        """
+        return self._step_state.step_count % self._every == 0
+
+    def _start_cheap_step(self) -> None:
+        st = self._step_state
+        st.perturbed = {}  # "first_step done, nothing perturbed": second_step restores nothing
+        st.cheap_pending = True
+        st.grad_norm = st.perturbation_skipped = None
 
     # ------------------------------------------------------------------ validation
 
@@ -155,8 +277,10 @@ class SAM(torch.optim.Optimizer):
     def _perturbation_buckets(self) -> list[_Bucket]:
         """Group parameters with gradients; validates everything before anything is modified."""
         buckets: dict[tuple, _Bucket] = {}
+        checking = not torch.compiler.is_compiling()  # validated eagerly; a compiled step trusts its groups
         for group in self.param_groups:
-            self._check_group(group)
+            if checking:
+                self._check_group(group)
             mode, rho, eta = self._norm_mode(group), float(group["rho"]), float(group["eta"])
             for p in group["params"]:
                 g = p.grad
@@ -175,15 +299,23 @@ class SAM(torch.optim.Optimizer):
 
     def _backup_for(self, p: torch.Tensor) -> torch.Tensor:
         b = self._backups.get(p)
-        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-            b = self._backups[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        w = self._local(p)
+        if b is None or b.shape != w.shape or b.dtype != w.dtype or b.device != w.device:
+            b = self._backups[p] = torch.empty_like(w, memory_format=torch.preserve_format)
         return b
+
+    def _local(self, t):
+        """The tensor the ops work on: this rank's shard for FSDP/DTensor parameters, else ``t``."""
+        return _sharding.local(t) if self._shard_groups else t
+
+    def _locals(self, ts) -> list:
+        return _sharding.local_list(ts) if self._shard_groups else ts
 
     def _global_norm(self, buckets: list[_Bucket]) -> torch.Tensor:
         total = None
         for b in buckets:
             _, fn = ops.resolve("grad_norm", self.backend, b.device, b.dtype)
-            part = fn(b.grads, b.params, b.mode, b.eta)
+            part = fn(self._locals(b.grads), self._locals(b.params), b.mode, b.eta)
             total = part if total is None else total + part.to(total.device, non_blocking=True)
         return self._reduce_sq_norm(total).sqrt()
 
@@ -194,41 +326,63 @@ class SAM(torch.optim.Optimizer):
             backups = [self._backup_for(p) for p in b.params]
             beta, seed, start = self._swp_args(b, offset)
             _, fn = ops.resolve("perturb", self.backend, b.device, b.dtype)
-            fn(b.params, b.grads, backups, norm.to(b.device, non_blocking=True), b.rho, b.mode, b.eta,
-               self.perturb_eps, beta, seed, start)
+            fn(self._locals(b.params), self._locals(b.grads), backups, norm.to(b.device, non_blocking=True), b.rho,
+               b.mode, b.eta, self.perturb_eps, beta, seed, start)
             offset += sum(p.numel() for p in b.params)
             perturbed.update(zip(b.params, backups))
-        self._perturbed = perturbed
+        self._step_state.perturbed = perturbed
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Compute the global norm, back the weights up and move them to ``w + e``."""
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
+        """Compute the global norm, back the weights up and move them to ``w + e``.
+
+        ``grad_scaler``: the ``torch.amp.GradScaler`` (or its scale, a device tensor) that scaled the
+        first-pass loss. The gradients are then unscaled in place, on the device, before perturbing.
+        SAM's and ASAM's directions do not depend on the scale, so they do not need it; Fisher SAM's
+        ``1 + eta g^2`` does. Non-finite gradients skip the perturbation either way.
+        """
         if self._perturbed is not None:
             raise RuntimeError(f"{type(self).__name__}.first_step() was called twice without second_step(); "
                                "call second_step() (or restore()) before perturbing again")
+        if not self.needs_second_pass:
+            # A cheap step: perturb nothing. second_step steps with the gradient present then.
+            self._start_cheap_step()
+            if zero_grad:
+                self._clear_grads()
+            return
+        self._step_state.cheap_pending = False
         buckets = self._perturbation_buckets()
+        if grad_scaler is not None and buckets:
+            self._unscale_first_pass(buckets, grad_scaler)
+        st = self._step_state
         if not buckets:  # no gradients at all: nothing to perturb, second_step is a plain base step
-            self._perturbed = {}
-            self.grad_norm = self.perturbation_skipped = None
+            st.perturbed, st.grad_norm, st.perturbation_skipped = {}, None, None
         else:
             norm = self._global_norm(buckets)
-            self.grad_norm = norm
-            self.perturbation_skipped = ~torch.isfinite(norm)
+            st.grad_norm = norm
+            st.perturbation_skipped = ~torch.isfinite(norm)
             self._perturb(buckets, norm)
         if zero_grad:
-            self.zero_grad()
+            self._clear_grads()
+
+    def _unscale_first_pass(self, buckets: list[_Bucket], grad_scaler) -> None:
+        scale = grad_scaler if isinstance(grad_scaler, torch.Tensor) else _scale_of(grad_scaler)
+        if scale is None:  # a disabled scaler
+            return
+        for b in buckets:
+            torch._foreach_div_(self._locals(b.grads), scale.to(b.device, non_blocking=True))
 
     @torch.no_grad()
     def restore(self) -> bool:
         """Undo ``first_step``'s perturbation without stepping. Returns whether anything was restored."""
-        perturbed = self._perturbed
+        perturbed = self._step_state.perturbed
         if perturbed is None:
             return False
-        self._perturbed = None
+        self._step_state.perturbed = None
         buckets: dict[tuple, tuple[list, list]] = {}
         for p, b in perturbed.items():
             ps, bs = buckets.setdefault((p.device, p.dtype), ([], []))
-            ps.append(p)
+            ps.append(self._local(p))
             bs.append(b)
         for (device, dtype), (ps, bs) in buckets.items():
             _, fn = ops.resolve("restore", self.backend, device, dtype)
@@ -239,17 +393,26 @@ class SAM(torch.optim.Optimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the weights and take the base optimizer's step with the perturbed-point gradient."""
         if self._perturbed is None:
-            raise RuntimeError(f"{type(self).__name__}.second_step() called without a preceding first_step(): "
-                               "the weights are not perturbed, so there is nothing to restore")
+            if self.needs_second_pass:
+                raise RuntimeError(f"{type(self).__name__}.second_step() called without a preceding first_step(): "
+                                   "the weights are not perturbed, so there is nothing to restore")
+            self._start_cheap_step()  # the one-pass form of a cheap step
+        try:
+            self._before_base_step(sam_step=not self._step_state.cheap_pending)
+        except BaseException:
+            self.restore()
+            raise
         if self._fused_base is None:
             self.restore()
-            self.base_optimizer.step()
+            self._generic_base_step()
         else:
             self._fused_second_step()
-        self._perturbed = None
+        self._step_state.perturbed = None
+        self._step_state.cheap_pending = False
+        self._step_state.step_count += 1
         self._mark_stepped()
         if zero_grad:
-            self.zero_grad()
+            self._clear_grads()
 
     def _fused_second_step(self) -> None:
         perturbed = self._perturbed
@@ -272,15 +435,53 @@ class SAM(torch.optim.Optimizer):
                 bs.append(backup)
             plan.extend((group, ps, gs, bs) for ps, gs, bs in buckets.values())
         if restore_only:
-            self._perturbed = restore_only
+            self._step_state.perturbed = restore_only
             self.restore()
         grad_scale, found_inf = self._amp_scale_args()
         for group, ps, gs, bs in plan:
             self._fused_base.step_bucket(self, group, ps, gs, bs, self.backend, grad_scale, found_inf)
 
+    def _generic_base_step(self) -> None:
+        """The base optimizer's own ``step()``, unscaling and skipping for a GradScaler first.
+
+        Without a fused path the skip is a host decision: it reads ``found_inf`` once, which is the
+        same synchronisation ``GradScaler.step`` makes for any optimizer it has to unscale itself.
+        """
+        grad_scale, found_inf = self._amp_scale_args()
+        if grad_scale is not None:
+            grads: dict = {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        g = self._local(p.grad)
+                        grads.setdefault((g.device, g.dtype), []).append(g)
+            for (device, _), gs in grads.items():
+                torch._foreach_div_(gs, grad_scale.to(device, non_blocking=True))
+        if found_inf is not None and bool(found_inf.item()):
+            return
+        self.base_optimizer.step()
+
+    def _clear_grads(self) -> None:
+        """``zero_grad(set_to_none=True)`` without leaving a compiled region.
+
+        ``Optimizer.zero_grad`` is excluded from torch.compile tracing (a graph break); setting the
+        gradients to None directly is traceable and does the same.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
     def _amp_scale_args(self):
-        """(grad_scale, found_inf) device tensors for the fused base step, when a GradScaler set them."""
-        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        """(grad_scale, found_inf) device tensors for the base step, when a GradScaler set them.
+
+        A first pass that overflowed (perturbation skipped) also skips the update: the second pass
+        then ran at the unperturbed weights, which is not a SAM step.
+        """
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        skipped = self._step_state.perturbation_skipped
+        if found_inf is not None and skipped is not None:
+            found_inf = torch.maximum(found_inf, skipped.to(device=found_inf.device, dtype=found_inf.dtype))
+        return grad_scale, found_inf
 
     def _mark_stepped(self) -> None:
         # LR schedulers warn when optimizer.step() was never called; the two-call form counts as a step.
@@ -291,11 +492,21 @@ class SAM(torch.optim.Optimizer):
         """``first_step``, ``closure()`` (second forward/backward, returns the loss), ``second_step``.
 
         Gradients at ``w`` must already be in ``.grad``. Returns the closure's loss. If the closure
-        raises, the weights are restored before the exception propagates.
+        raises, the weights are restored before the exception propagates. On a cheap step
+        (``needs_second_pass`` False) the closure is not called, the step uses the gradients in
+        ``.grad``, and the return value is None.
         """
         if closure is None:
+            if self._perturbed is not None or not self.needs_second_pass:
+                # After first_step (e.g. through GradScaler.step, which passes no closure) or on a
+                # cheap step: finish the step.
+                self.second_step()
+                return None
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure that recomputes the loss and its "
                                "gradients at the perturbed weights (or call first_step() and second_step())")
+        if not self.needs_second_pass:
+            self.second_step()
+            return None
         closure = torch.enable_grad()(closure)
         self.first_step(zero_grad=True)
         try:
@@ -308,11 +519,34 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
 
+    # state_dict() key for fastsam's own state (the step counter, subclasses' buffers); torch's
+    # Optimizer.load_state_dict ignores keys it does not know, and a stock state dict lacks it.
+    EXTRA_STATE_KEY = "fastsam"
+
+    def _extra_state(self) -> dict:
+        """fastsam's state beyond torch's (``state``/``param_groups``); subclasses extend it."""
+        return {"step": self._step_state.step_count}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        # A state dict without it (e.g. a stock optimizer's) starts a fresh cycle: a SAM step first.
+        self._step_state.step_count = int(extra.get("step", 0))
+
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        state_dict[self.EXTRA_STATE_KEY] = self._extra_state()
+        return state_dict
+
+    def _param_list(self) -> list:
+        """Parameters in state_dict() order (group by group), the indices fastsam's state uses."""
+        return [p for group in self.param_groups for p in group["params"]]
+
     def load_state_dict(self, state_dict: dict) -> None:
         if self._perturbed is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step(): the weights are "
                                "perturbed; call second_step() or restore() first")
+        extra = state_dict.get(self.EXTRA_STATE_KEY) or {}
         super().load_state_dict(state_dict)
+        self._load_extra_state(extra)
         self.base_optimizer.state = self.state
         self.base_optimizer.param_groups = self.param_groups
         for group in self.param_groups:
@@ -320,8 +554,8 @@ class SAM(torch.optim.Optimizer):
         self._fused_base = fused_base_step_for(self.base_optimizer)
 
     # Attributes that pickling/deepcopy must carry besides torch's (defaults, state, param_groups).
-    _PICKLED = ("base_optimizer", "backend", "perturb_eps", "_sam_defaults", "_perturbed", "grad_norm",
-                "perturbation_skipped")
+    _PICKLED = ("base_optimizer", "backend", "perturb_eps", "_sam_defaults", "_step_state", "dp_perturbation",
+                "_every")
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -330,7 +564,11 @@ class SAM(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._backups = {p: b for p, b in (self.__dict__.get("_perturbed") or {}).items()}
+        if "_step_state" not in self.__dict__:
+            self._step_state = _StepState()
+        self.__dict__.setdefault("_every", 1)  # pickled before interval SAM existed
+        self._backups = dict(self._step_state.perturbed or {})
+        self._shard_groups = _sharding.shard_groups(self._param_list()) if "param_groups" in self.__dict__ else []
         if "base_optimizer" in self.__dict__:
             self.base_optimizer.state = self.state
             self.base_optimizer.param_groups = self.param_groups

@@ -1,0 +1,105 @@
+// The torch-free entry points of the CUDA kernels, one per op (each defined in csrc/<op>.cu).
+//
+// binding.cpp turns tensors into the raw arrays these take; nothing here knows about torch.
+// Conventions:
+// * A bucket is a list of tensors on one device with one storage dtype (fp32, fp16 or bf16); every
+//   list of an op has one entry per tensor, with the same element count and memory layout.
+// * `rows` is list-major: rows[l * n + t] is the data pointer of tensor t of list l.
+// * Per-step scalars that live on the device (norm, lr, grad scale, found-inf flag, step counts)
+//   are passed as device pointers and read by the kernels: no host synchronisation. A null pointer
+//   means "absent".
+// * Work is queued on `stream`; the return value is the launch status (cudaGetLastError).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fastsam {
+namespace cuda {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum class NormMode : int32_t { kPlain = 0, kAdaptive = 1, kFisher = 2 };
+
+// Bumped whenever a signature or schema changes, so a stale build is detected at load time.
+constexpr int64_t kAbiVersion = 1;
+
+// sds_select ranks a batch in one launch up to this size (O(B^2 / #threads) comparisons).
+constexpr int64_t kMaxSdsSelectBatch = 65536;
+
+// Number of per-block partial sums grad_sq_norm writes: the size of its `partials` buffer.
+int64_t grad_norm_partials_count(const int64_t* numels, int n);
+
+// grad_norm: *out = sum over all elements of g^2 (plain), ((|w| + eta) g)^2 (adaptive) or
+// g^2 / (1 + eta g^2) (fisher). rows: [grads] for plain/fisher, [grads, params] for adaptive.
+// Deterministic: per-block partials, then one block adds them in a fixed order.
+cudaError_t grad_sq_norm(DType dtype, NormMode mode, float eta, void* const* rows, const int64_t* numels, int n,
+                         float* partials, float* out, cudaStream_t stream);
+
+// perturb: rows [params, grads, backups]. backup = w; unless *norm is non-finite,
+// w += s * d with s = rho / (norm + eps) (/ beta with SWP) and d = g, (|w|+eta)^2 g or g / (1 + eta g^2);
+// with beta < 1 only elements whose Philox uniform u(seed, offset + i) < beta move.
+struct PerturbConfig {
+  NormMode mode;
+  float rho;
+  float eta;
+  float eps;
+  float beta;
+  uint64_t seed;
+  int64_t offset;
+};
+cudaError_t perturb(DType dtype, void* const* rows, const int64_t* numels, int n, const float* norm,
+                    const PerturbConfig& config, cudaStream_t stream);
+
+// restore: rows [params, backups]; w = backup.
+cudaError_t restore(DType dtype, void* const* rows, const int64_t* numels, int n, cudaStream_t stream);
+
+// restore + torch.optim.SGD step: rows [params, grads, backups] or, with momentum,
+// [params, grads, backups, momentum_buffers] (has_momentum). found_inf set: only w = backup.
+struct SgdConfig {
+  const float* lr_ptr;  // read instead of lr when not null
+  float lr;
+  bool has_momentum;    // rows include the momentum buffers
+  float momentum;
+  double dampening;     // 1 - dampening is formed in double, as torch forms its alpha
+  float weight_decay;
+  bool nesterov;
+  bool maximize;
+  bool is_first_step;
+  const float* grad_scale;  // g / *grad_scale when not null
+  const float* found_inf;   // skip the step when not null and non-zero
+};
+cudaError_t restore_sgd_step(DType dtype, void* const* rows, const int64_t* numels, int n, const SgdConfig& config,
+                             cudaStream_t stream);
+
+// restore + torch.optim.AdamW step: rows [params, grads, backups, exp_avgs, exp_avg_sqs] plus
+// max_exp_avg_sqs with amsgrad; `steps[t]` points to tensor t's step count (one fp32 or fp64
+// value), which is incremented first (unless found_inf is set) and then used for the bias
+// corrections. found_inf set: only w = backup, moments and steps unchanged.
+struct AdamWConfig {
+  const float* lr_ptr;
+  float lr;
+  double beta1;
+  double beta2;
+  float eps;
+  float weight_decay;
+  bool amsgrad;
+  bool maximize;
+  bool steps_fp64;
+  const float* grad_scale;
+  const float* found_inf;
+};
+cudaError_t restore_adamw_step(DType dtype, void* const* rows, void* const* steps, const int64_t* numels, int n,
+                               const AdamWConfig& config, cudaStream_t stream);
+
+// sds_select: out[0..k) = indices of the k largest s_i = after_i - before_i (fp32), by decreasing s,
+// ties by lower index, NaN ranked as -inf (last). 1 <= k <= batch <= kMaxSdsSelectBatch.
+cudaError_t sds_select(DType dtype, const void* before, const void* after, int32_t batch, int32_t k, int64_t* out,
+                       cudaStream_t stream);
+
+// sds_weights: out = softmax(s / temperature) over the batch, NaN sharpness mapped to -inf.
+cudaError_t sds_weights(DType dtype, const void* before, const void* after, int32_t batch, float temperature,
+                        float* out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastsam

@@ -1,0 +1,196 @@
+"""The cuda backend's Python half, end to end on CPU: schemas, fake impls, argument order, fallback.
+
+The real operators come from csrc/binding.cpp, which needs a CUDA build of torch. Here the very
+same schema strings (read from binding.cpp) are defined in the ``fastsam_cuda`` namespace with a CPU
+implementation that runs the kernels' host emulation (tests/csrc_emulation.py, which mirrors what
+the binding does). Then:
+
+* the cuda backend functions of fastsam/ops/<op>.py run unchanged on CPU tensors and must agree
+  with the torch backend (this catches a wrong argument order or type between Python and schema);
+* ``torch.library.opcheck`` checks every schema's mutation annotations against what the kernels
+  really write, and the fake implementations the op files register against the real outputs;
+* a layout the kernels reject falls back to the torch backend.
+
+Skipped where the real extension is loadable (its schemas are then tested for real by the GPU tests).
+"""
+
+import re
+
+import pytest
+import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+
+from csrc_emulation import emulation_or_skip
+from fastsam import _extension, ops
+from fastsam.ops import _cuda_common
+from fastsam.ops.grad_norm import grad_sq_norm_cuda
+from fastsam.ops.perturb import perturb_cuda
+from fastsam.ops.restore import restore_cuda
+from fastsam.ops.restore_adamw_step import restore_adamw_step_cuda
+from fastsam.ops.restore_sgd_step import restore_sgd_step_cuda
+from fastsam.ops.sds_select import sds_select_cuda, sds_weights_cuda
+from helpers import assert_close_dtype, randn_list
+from nvcc_tools import CSRC
+
+_library = None
+
+
+def binding_schemas() -> dict[str, str]:
+    """name -> schema of every m.def in csrc/binding.cpp (one string literal each)."""
+    text = (CSRC / "binding.cpp").read_text()
+    schemas = re.findall(r'm\.def\(\s*"([^"]+)"', text)
+    return {s.split("(", 1)[0]: s for s in schemas}
+
+
+def _layout_ok(lists) -> bool:
+    """binding.cpp's TensorRows check: dense, and the parameter's strides wherever a size exceeds 1."""
+    ref = lists[0]
+    return all(is_non_overlapping_and_dense(x) and all(x.stride(d) == r.stride(d) for d in range(x.dim())
+                                                       if x.size(d) > 1)
+               for lst in lists for x, r in zip(lst, ref))
+
+
+def _layout_guard(fn, *, list_args, swp=False):
+    """Mirror binding.cpp's layout checks, then run the emulation."""
+
+    def impl(*args):
+        lists = [args[i] for i in list_args if args[i]]
+        if not _layout_ok(lists) or (swp and args[8] < 1 and not all(p.is_contiguous() for p in args[0])):
+            raise NotImplementedError(f"{_cuda_common.FALLBACK_TAG} layout the kernels do not take")
+        return fn(*args)
+
+    return impl
+
+
+@pytest.fixture(scope="module")
+def fake_extension():
+    """``fastsam_cuda::*`` from binding.cpp's schemas, implemented on CPU by the host emulation."""
+    global _library
+    if _extension.load() is not None:
+        pytest.skip("the real CUDA extension is loaded; its operators are tested by test_cuda_backend.py")
+    emu = emulation_or_skip()
+    if _library is None:
+        lib = torch.library.Library(_cuda_common.NAMESPACE, "DEF")
+        impls = {
+            "abi_version": lambda: _extension.ABI_VERSION,
+            "grad_sq_norm": _layout_guard(emu.grad_sq_norm, list_args=(0, 1)),
+            "perturb_": _layout_guard(emu.perturb_, list_args=(0, 1, 2), swp=True),
+            "restore_": _layout_guard(emu.restore_, list_args=(0, 1)),
+            "restore_sgd_step_": _layout_guard(emu.restore_sgd_step_, list_args=(0, 1, 2, 3)),
+            "restore_adamw_step_": _layout_guard(emu.restore_adamw_step_, list_args=(0, 1, 2, 3, 4, 5)),
+            "sds_select": emu.sds_select,
+            "sds_weights": emu.sds_weights,
+        }
+        for name, schema in binding_schemas().items():
+            lib.define(schema)
+            lib.impl(name, impls[name], "CompositeExplicitAutograd" if name == "abi_version" else "CPU")
+        _cuda_common.register_fakes()
+        _library = lib  # kept for the whole session: the registrations live as long as it does
+    return emu
+
+
+def test_binding_defines_every_op():
+    assert set(binding_schemas()) == {"abi_version", "grad_sq_norm", "perturb_", "restore_", "restore_sgd_step_",
+                                      "restore_adamw_step_", "sds_select", "sds_weights"}
+    names = {name for name, _ in _cuda_common._fakes}
+    assert names == set(binding_schemas()) - {"abi_version"}, "every op needs a fake implementation"
+
+
+def _lists(shapes, dtype, gen, k):
+    return [randn_list(shapes, dtype, "cpu", gen) for _ in range(k)]
+
+
+SHAPES = [(4097,), (3, 5), (1,), (70001,)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backend_functions_through_the_schemas(fake_extension, dtype):
+    gen = torch.Generator().manual_seed(0)
+    grads, params = _lists(SHAPES, dtype, gen, 2)
+    for mode in ("plain", "adaptive", "fisher"):
+        torch.testing.assert_close(grad_sq_norm_cuda(grads, params, mode, 0.1),
+                                   ops.grad_sq_norm(grads, params, mode=mode, eta=0.1, backend="torch"),
+                                   rtol=2e-5, atol=1e-6)
+
+    norm = ops.grad_norm(grads, backend="torch")
+    mine, ref = [p.clone() for p in params], [p.clone() for p in params]
+    b1, b2 = [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in params]
+    perturb_cuda(mine, grads, b1, norm, 0.3, "adaptive", 0.01, 1e-12, 0.5, 2 ** 63 + 5, 77)
+    ops.perturb_(ref, grads, b2, norm, 0.3, mode="adaptive", eta=0.01, beta=0.5, seed=2 ** 63 + 5, offset=77,
+                 backend="torch")
+    for a, b in zip(mine, ref):
+        assert_close_dtype(a, b.double(), dtype)
+    assert all(torch.equal(a, b) for a, b in zip(b1, b2))
+
+    restore_cuda(mine, b1)
+    assert all(torch.equal(a, b) for a, b in zip(mine, params))
+
+    for lr in (0.1, torch.tensor(0.1)):
+        w1, bk, g, m1 = _lists(SHAPES, dtype, gen, 4)
+        w2, m2 = [x.clone() for x in w1], [x.clone() for x in m1]
+        args = (0.9, 0.1, False, 1e-3, True, False, torch.tensor(8.0), torch.tensor(0.0))
+        restore_sgd_step_cuda(w1, g, bk, m1, lr, *args)
+        ops.restore_sgd_step_(w2, g, bk, m2, lr=lr, momentum=0.9, dampening=0.1, weight_decay=1e-3, maximize=True,
+                              grad_scale=args[6], found_inf=args[7], backend="torch")
+        for a, b in zip(w1 + m1, w2 + m2):
+            assert_close_dtype(a, b.double(), dtype, factor=4)
+
+    w1, bk, g, m1 = _lists(SHAPES, dtype, gen, 4)
+    v1, vmax1 = [[x.abs() for x in xs] for xs in _lists(SHAPES, dtype, gen, 2)]
+    w2, m2, v2, vmax2 = ([x.clone() for x in xs] for xs in (w1, m1, v1, vmax1))
+    s1, s2 = ([torch.tensor(3.0) for _ in SHAPES] for _ in range(2))
+    restore_adamw_step_cuda(w1, g, bk, m1, v1, vmax1, s1, torch.tensor(1e-3), 0.8, 0.99, 1e-6, 0.1, True, False,
+                            None, None)
+    ops.restore_adamw_step_(w2, g, bk, m2, v2, vmax2, s2, lr=torch.tensor(1e-3), beta1=0.8, beta2=0.99, eps=1e-6,
+                            weight_decay=0.1, amsgrad=True, backend="torch")
+    assert [s.item() for s in s1] == [s.item() for s in s2] == [4.0] * len(SHAPES)
+    for a, b in zip(w1 + m1 + v1 + vmax1, w2 + m2 + v2 + vmax2):
+        assert_close_dtype(a, b.double(), dtype, factor=4)
+
+    before, after = torch.rand(300, generator=gen).to(dtype), torch.rand(300, generator=gen).to(dtype)
+    assert torch.equal(sds_select_cuda(before, after, 40), ops.sds_select(before, after, 40, backend="torch"))
+    torch.testing.assert_close(sds_weights_cuda(before, after, 0.5),
+                               ops.sds_weights(before, after, 0.5, backend="torch"))
+
+
+def test_unsupported_layouts_fall_back_to_torch(fake_extension):
+    """SWP on a transposed (dense, not row-major) weight: the kernels decline, the torch backend serves."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 30, generator=gen).t()
+    g = torch.randn(40, 30, generator=gen).t()
+    assert not w.is_contiguous()
+    ref = w.clone()
+    b1, b2 = torch.empty_like(w), torch.empty_like(w)
+    norm = ops.grad_norm([g], backend="torch")
+    perturb_cuda([w], [g], [b1], norm, 0.2, "plain", 0.0, 1e-12, 0.5, 9, 0)
+    ops.perturb_([ref], [g], [b2], norm, 0.2, beta=0.5, seed=9, backend="torch")
+    assert torch.equal(w, ref) and torch.equal(b1, b2)
+    with pytest.raises(NotImplementedError, match="fallback"):
+        _cuda_common.op("perturb_")([w], [g], [b1], norm, 0.2, "plain", 0.0, 1e-12, 0.5, 9, 0)
+
+
+def _opcheck_cases():
+    gen = torch.Generator().manual_seed(2)
+    shapes = [(257,), (3, 5)]
+    p, g, b, m, v, vm = _lists(shapes, torch.float32, gen, 6)
+    v, vm = [x.abs() for x in v], [x.abs() for x in vm]
+    steps = [torch.tensor(2.0) for _ in shapes]
+    norm = torch.tensor(3.0)
+    before, after = torch.rand(64, generator=gen), torch.rand(64, generator=gen)
+    return {
+        "grad_sq_norm": (g, p, "adaptive", 0.1),
+        "perturb_": (p, g, b, norm, 0.05, "plain", 0.0, 1e-12, 0.5, 3, 11),
+        "restore_": (p, b),
+        "restore_sgd_step_": (p, g, b, m, torch.tensor(0.1), 0.0, 0.9, 0.0, True, 1e-4, False, False, None,
+                              torch.tensor(0.0)),
+        "restore_adamw_step_": (p, g, b, m, v, vm, steps, None, 1e-3, 0.9, 0.999, 1e-8, 1e-2, True, False,
+                                torch.tensor(4.0), None),
+        "sds_select": (before, after, 10),
+        "sds_weights": (before, after, 2.0),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_opcheck_cases()))
+def test_opcheck(fake_extension, name):
+    """Schema mutation annotations, fake impls and AOT dispatch, as torch.library.opcheck sees them."""
+    torch.library.opcheck(_cuda_common.op(name), _opcheck_cases()[name])
