@@ -9,15 +9,19 @@ decay 5e-4) and ``rho = 0.05``:
 =============  ==================================================================================
 ``sgd``        ``torch.optim.SGD``: one forward/backward per step
 ``sam``        ``fastsam.SAM``, two-call form, BatchNorm statistics frozen in the second pass
-``esam``       ``fastsam.ESAM(beta=0.5, gamma=0.5, swp="element")``, per-sample-loss closure
-``msam``       ``fastsam.MSAM(micro_batches=4)``, per-sample-loss closure
-``looksam``    ``fastsam.LookSAM(k=5, alpha=0.7)``, SAM-style closure
+``esam``       ``fastsam.ESAM(beta=0.5, gamma=0.5, swp="element", model=model)``, per-sample-loss
+               closure (the optimizer runs the passes)
+``msam``       ``fastsam.MSAM(micro_batches=4, model=model)``, ``step(closure, batch_size=B)``
+``looksam``    ``fastsam.LookSAM(k=5, alpha=0.7)``, SAM-style closure (called every 5th step)
+``gsam``       ``fastsam.GSAM(alpha=0.4)``, two-call form
 ``sam-baseline`` / ``sam-peer``  the per-parameter loop / pytorch-optimizer's SAM (full plan only)
 =============  ==================================================================================
 
-Optimizers that this fastsam does not have yet are left out with a note (ESAM, mSAM and LookSAM
-are found with ``hasattr(fastsam, name)``). Reference point, the ESAM paper (Du et al., ICLR 2022,
-CIFAR-10 ResNet-18 on a V100): SGD 3387, SAM 1717, ESAM 2409 images/s, i.e. SAM 0.51x, ESAM 0.71x.
+Optimizers that this fastsam does not have are left out with a note (found with
+``hasattr(fastsam, name)``). One timed sample is ``STEPS_PER_SAMPLE`` = 5 consecutive training steps,
+a whole LookSAM cycle (one SAM step, four cheap ones), so that medians do not pick its cheap steps.
+Reference point, the ESAM paper (Du et al., ICLR 2022, CIFAR-10 ResNet-18 on a V100): SGD 3387,
+SAM 1717, ESAM 2409 images/s, i.e. SAM 0.51x, ESAM 0.71x.
 
 The full plan uses the real sizes (batch 128; ResNet-18 width 64; ViT dim 192, depth 6). The CPU
 default runs the same code at a reduced size; every row names its settings in the ``size`` field.
@@ -41,6 +45,7 @@ from .models import CifarResNet18, SmallViT, count_parameters
 
 SGD_KW = providers.SGD_KW
 RHO = providers.RHO
+STEPS_PER_SAMPLE = 5  # LookSAM's k: every sample covers one whole cycle
 ESAM_PAPER = {"sgd": 3387.0, "sam": 1717.0, "esam": 2409.0}
 
 
@@ -68,7 +73,7 @@ class Setting:
 PLANS = {
     "full": [Setting("resnet18", 128, 32, dict(width=64)),
              Setting("vit", 128, 32, dict(patch=4, dim=192, depth=6, heads=3, mlp=768))],
-    "quick": [Setting("resnet18", 32, 32, dict(width=16)),
+    "quick": [Setting("resnet18", 32, 32, dict(width=8)),
               Setting("vit", 32, 32, dict(patch=4, dim=64, depth=2, heads=2, mlp=128))],
     "tiny": [Setting("resnet18", 8, 16, dict(width=4)),
              Setting("vit", 8, 16, dict(patch=4, dim=32, depth=1, heads=2, mlp=64))],
@@ -96,14 +101,23 @@ def _two_pass_step(model, opt, x, y):
     opt.second_step(zero_grad=True)
 
 
-def _per_sample_step(model, opt, x, y):
-    """ESAM / mSAM: the optimizer drives the passes through a per-sample-loss closure."""
+def _per_sample_closure(model, x, y):
     def closure(indices=None):
         xb, yb = (x, y) if indices is None else (x[indices], y[indices])
         return _loss(model, xb, yb, reduction="none")
+    return closure
 
+
+def _per_sample_step(model, opt, x, y):
+    """ESAM: the optimizer drives the passes through a per-sample-loss closure."""
     opt.zero_grad(set_to_none=True)
-    opt.step(closure)
+    opt.step(_per_sample_closure(model, x, y))
+
+
+def _micro_batch_step(model, opt, x, y):
+    """mSAM: like ESAM, and it needs the batch size to cut the batch into shards."""
+    opt.zero_grad(set_to_none=True)
+    opt.step(_per_sample_closure(model, x, y), batch_size=len(y))
 
 
 def _closure_step(model, opt, x, y):
@@ -122,21 +136,23 @@ def _closure_step(model, opt, x, y):
 
 
 def optimizers(full: bool) -> tuple[dict, list[str]]:
-    """name -> (make(params) -> optimizer, step(model, opt, x, y)), plus notes on what is missing."""
+    """name -> (make(model) -> optimizer, step(model, opt, x, y)), plus notes on what is missing."""
     import fastsam
 
+    sgd = torch.optim.SGD
     out = {
-        "sgd": (lambda ps: torch.optim.SGD(ps, **SGD_KW), _sgd_step),
-        "sam": (lambda ps: fastsam.SAM(ps, torch.optim.SGD, rho=RHO, **SGD_KW), _two_pass_step),
+        "sgd": (lambda m: sgd(m.parameters(), **SGD_KW), _sgd_step),
+        "sam": (lambda m: fastsam.SAM(m.parameters(), sgd, rho=RHO, **SGD_KW), _two_pass_step),
     }
     notes = []
     variants = {
-        "esam": ("ESAM", lambda ps: fastsam.ESAM(ps, torch.optim.SGD, rho=RHO, beta=0.5, gamma=0.5, swp="element",
-                                                 **SGD_KW), _per_sample_step),
-        "msam": ("MSAM", lambda ps: fastsam.MSAM(ps, torch.optim.SGD, rho=RHO, micro_batches=4, **SGD_KW),
-                 _per_sample_step),
-        "looksam": ("LookSAM", lambda ps: fastsam.LookSAM(ps, torch.optim.SGD, rho=RHO, k=5, alpha=0.7, **SGD_KW),
+        "esam": ("ESAM", lambda m: fastsam.ESAM(m.parameters(), sgd, rho=RHO, beta=0.5, gamma=0.5, swp="element",
+                                                model=m, **SGD_KW), _per_sample_step),
+        "msam": ("MSAM", lambda m: fastsam.MSAM(m.parameters(), sgd, rho=RHO, micro_batches=4, model=m, **SGD_KW),
+                 _micro_batch_step),
+        "looksam": ("LookSAM", lambda m: fastsam.LookSAM(m.parameters(), sgd, rho=RHO, k=5, alpha=0.7, **SGD_KW),
                     _closure_step),
+        "gsam": ("GSAM", lambda m: fastsam.GSAM(m.parameters(), sgd, rho=RHO, alpha=0.4, **SGD_KW), _two_pass_step),
     }
     for name, (cls, make, step) in variants.items():
         if hasattr(fastsam, cls):
@@ -144,18 +160,19 @@ def optimizers(full: bool) -> tuple[dict, list[str]]:
         else:
             notes.append(f"fastsam.{cls} does not exist in this version: {name} left out of the end-to-end run")
     if full:
-        out["sam-baseline"] = (lambda ps: PerParameterSAM(ps, torch.optim.SGD, rho=RHO, **SGD_KW), _two_pass_step)
+        out["sam-baseline"] = (lambda m: PerParameterSAM(m.parameters(), sgd, rho=RHO, **SGD_KW), _two_pass_step)
         peer, why = providers.peer_sam()
         if peer is None:
             notes.append(why)
         else:
-            out["sam-peer"] = (lambda ps: peer(ps, torch.optim.SGD, rho=RHO, **SGD_KW), _two_pass_step)
+            out["sam-peer"] = (lambda m: peer(m.parameters(), sgd, rho=RHO, **SGD_KW), _two_pass_step)
     return out, notes
 
 
-def measure(setting: Setting, device: torch.device, *, full: bool = False, steps: int = 20, min_steps: int = 3,
+def measure(setting: Setting, device: torch.device, *, full: bool = False, steps: int = 8, min_steps: int = 3,
             budget_s: float | None = None) -> tuple[list[dict], list[str]]:
-    """Images/s and the ratio to SGD of every optimizer on one model setting."""
+    """Images/s and the ratio to SGD of every optimizer on one model setting (``median_ms`` is per
+    sample of ``STEPS_PER_SAMPLE`` steps; ``steps`` is the number of samples at most)."""
     torch.manual_seed(0)
     template = setting.build().to(device)
     params = count_parameters(template)
@@ -167,22 +184,24 @@ def measure(setting: Setting, device: torch.device, *, full: bool = False, steps
     for name, (make_opt, step) in opts.items():
         def make(make_opt=make_opt, step=step):
             model = copy.deepcopy(template).train()
-            opt = make_opt(model.parameters())
+            opt = make_opt(model)
             turn = [0]
 
-            def train_step():
-                x, y = batches[turn[0] % len(batches)]
-                turn[0] += 1
-                step(model, opt, x, y)
-            return Instance(train_step)
+            def train_steps():
+                for _ in range(STEPS_PER_SAMPLE):
+                    x, y = batches[turn[0] % len(batches)]
+                    turn[0] += 1
+                    step(model, opt, x, y)
+            return Instance(train_steps)
         builders[name] = make
     op = f"e2e_{setting.model}"
     size = setting.label(params)
+    # No extra warm-up: priming already ran one sample (five steps) of every optimizer.
     timings, rows, more = harness.time_builders(op, size, builders, device, budget_s=budget_s, rounds=steps,
-                                                min_rounds=min_steps, warmup=1, count=False, cuda_rep_ms=2000)
+                                                min_rounds=min_steps, warmup=0, count=False, cuda_rep_ms=2000)
     for name, t in timings.items():
         for metric, value in (("median_ms", t.median_ms), ("p20_ms", t.p20_ms), ("p80_ms", t.p80_ms),
-                              ("images_per_s", setting.batch / (t.median_ms * 1e-3))):
+                              ("images_per_s", STEPS_PER_SAMPLE * setting.batch / (t.median_ms * 1e-3))):
             rows.append(dict(op=op, provider=name, size=size, metric=metric, value=harness.fmt(value)))
         if "sgd" in timings:
             rows.append(dict(op=op, provider=name, size=size, metric="ratio_to_sgd",
@@ -195,11 +214,16 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", choices=sorted(PLANS), default="full" if torch.cuda.is_available() else "quick")
     ap.add_argument("--model", choices=("resnet18", "vit"), action="append")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (at most)")
+    ap.add_argument("--steps", type=int, default=8,
+                    help=f"timed samples of {STEPS_PER_SAMPLE} steps per optimizer (at most)")
     ap.add_argument("--budget", type=float, default=None, help="seconds per model after which timing stops (CPU)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    note = harness.configure_threads(device, args.threads)
+    if note:
+        print(note)
     rows, notes = [], []
     for setting in PLANS[args.plan]:
         if args.model and setting.model not in args.model:

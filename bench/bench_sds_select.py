@@ -81,8 +81,12 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per batch size (CPU)")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    note = harness.configure_threads(device, args.threads)
+    if note:
+        print(note)
     rows, notes = [], []
     for batch in args.batch or BATCH_SIZES:
         r, n = measure(batch, device, budget_s=args.budget, compile_=args.compile)

@@ -115,6 +115,40 @@ def versions() -> dict:
     return {"torch": torch.__version__, "triton": triton_version, "commit": commit}
 
 
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+def busy() -> bool:
+    """More runnable work than cores over the last minute (others' processes included)."""
+    return load_average() > cores() - 0.5
+
+
+def configure_threads(device: torch.device | str, threads: int | None = None) -> str | None:
+    """Set torch's CPU threads for timing; returns a note when it chose one thread by itself.
+
+    [note: CPU threads on a busy machine] With more runnable processes than cores, a parallel CPU
+    kernel waits at its barrier for a descheduled worker thread: on a loaded 2-core machine we
+    measured 0.04 ms calls taking 100 ms with 2 threads. One thread keeps the figures about the
+    code, not the scheduler; an explicit ``threads`` always wins.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+        return None
+    if torch.device(device).type == "cpu" and torch.get_num_threads() > 1 and busy():
+        torch.set_num_threads(1)
+        return (f"the machine is busy (load average {load_average():.1f} on {cores()} cores): timing with one "
+                "CPU thread (--threads N overrides)")
+    return None
+
+
 def utc_stamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -666,11 +700,15 @@ def kernel_main(doc: str, measure: Callable, argv=None, default_sets=("resnet18"
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timing per set (CPU)")
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile providers")
     ap.add_argument("--out", default=None, help=f"CSV file to append to (default {RESULTS_FILE})")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     for option, values in (choices or {}).items():
         ap.add_argument(f"--{option}", choices=values, default=values[0])
     args = ap.parse_args(argv)
     options = {option: getattr(args, option) for option in (choices or {})}
     device = torch.device(args.device)
+    note = configure_threads(device, args.threads)
+    if note:
+        print(note)
     copy_gbs, _ = copy_bandwidth(device)
     rows = [dict(op="copy", provider="torch", size="copy", metric="gbps", value=fmt(copy_gbs))]
     notes: list[str] = []

@@ -22,7 +22,6 @@ README's results block from the stored rows.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ class Plan:
     bases_sam: tuple[str, ...]               # whole-SAM-step bases
     sds_batches: tuple[int, ...]
     e2e: str                                 # bench_e2e.PLANS key
-    e2e_steps: int
+    e2e_samples: int                         # at most, each of bench_e2e.STEPS_PER_SAMPLE steps
+    e2e_min_samples: int
     kernel_budget_s: float | None            # CPU seconds of timing per (op, set)
     sds_budget_s: float | None
     e2e_budget_s: float | None
@@ -54,13 +54,15 @@ class Plan:
 
 PLANS = {
     "full": Plan(sets=("small2000", "resnet18", "vit_b"), gpu_sets=("huge",), bases_second=("sgd", "adamw"),
-                 bases_sam=("sgd", "adamw"), sds_batches=bench_sds_select.BATCH_SIZES, e2e="full", e2e_steps=30,
-                 kernel_budget_s=20.0, sds_budget_s=2.0, e2e_budget_s=60.0, compile=True),
+                 bases_sam=("sgd", "adamw"), sds_batches=bench_sds_select.BATCH_SIZES, e2e="full",
+                 e2e_samples=10, e2e_min_samples=5, kernel_budget_s=20.0, sds_budget_s=2.0, e2e_budget_s=60.0,
+                 compile=True),
     "quick": Plan(sets=("small2000", "resnet18"), bases_second=("sgd", "adamw"), bases_sam=("sgd",),
-                  sds_batches=bench_sds_select.BATCH_SIZES, e2e="quick", e2e_steps=12,
+                  sds_batches=bench_sds_select.BATCH_SIZES, e2e="quick", e2e_samples=6, e2e_min_samples=2,
                   kernel_budget_s=3.0, sds_budget_s=0.4, e2e_budget_s=10.0),
     "tiny": Plan(sets=("tiny",), bases_second=("sgd", "adamw"), bases_sam=("sgd", "adamw"), sds_batches=(128, 1024),
-                 e2e="tiny", e2e_steps=2, kernel_budget_s=0.1, sds_budget_s=0.05, e2e_budget_s=0.5, min_rounds=3),
+                 e2e="tiny", e2e_samples=2, e2e_min_samples=2, kernel_budget_s=0.1, sds_budget_s=0.05,
+                 e2e_budget_s=0.5, min_rounds=3),
 }
 
 
@@ -90,25 +92,9 @@ def jobs(plan: Plan, device: torch.device, subjects: tuple[str, ...], sets: tupl
     if "e2e" in subjects:
         for setting in bench_e2e.PLANS[plan.e2e]:
             out.append((f"e2e {setting.model}", lambda s=setting: bench_e2e.measure(
-                s, device, full=plan.e2e == "full", steps=plan.e2e_steps, min_steps=plan.min_rounds,
+                s, device, full=plan.e2e == "full", steps=plan.e2e_samples, min_steps=plan.e2e_min_samples,
                 budget_s=plan.e2e_budget_s)))
     return out
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def load_average() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return 0.0
-
-
-def busy() -> bool:
-    """More runnable work than cores over the last minute (others' processes included)."""
-    return load_average() > cores() - 0.5
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -151,17 +137,7 @@ def main(argv=None) -> int:
             print(f"fastsam bench: unknown parameter set(s) {unknown}; choose from {', '.join(PARAM_SETS)}",
                   file=sys.stderr)
             return 2
-    threads_note = None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif device.type == "cpu" and torch.get_num_threads() > 1 and busy():
-        # [note: CPU threads on a busy machine] With more runnable processes than cores, a parallel
-        # CPU kernel waits at its barrier for a descheduled worker thread: we measured 0.04 ms
-        # calls taking 100 ms with 2 threads on a loaded 2-core machine. One thread keeps the
-        # figures about the code, not the scheduler; --threads overrides.
-        torch.set_num_threads(1)
-        threads_note = (f"the machine is busy (load average {load_average():.1f} on {cores()} cores): timing with one "
-                        "CPU thread (--threads N overrides)")
+    threads_note = harness.configure_threads(device, args.threads)
     compile_ = plan.compile if args.compile is None else args.compile
 
     from tqdm import tqdm
