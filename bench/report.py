@@ -114,8 +114,9 @@ def device_section(device: str, rows: list[dict], png_dir: str | None) -> list[s
                 cells.append("-" if not v or "images_per_s" not in v else
                              f"{v['images_per_s']:.0f} ({v.get('ratio_to_sgd', float('nan')):.2f}x)")
             body.append([f"{op[4:]} ({size})"] + cells)
-        lines += ["End to end on synthetic data, images/s (ratio to SGD, paired per round). ESAM paper "
-                  "(V100, CIFAR-10 ResNet-18, batch 128): SAM 0.51x, ESAM 0.71x:", ""]
+        lines += ["End to end on synthetic data (SGD base; each timed sample is 5 steps, one LookSAM cycle; "
+                  "the model settings are in the first column), images/s (ratio to SGD, paired per round). "
+                  "ESAM paper (V100, CIFAR-10 ResNet-18, batch 128): SAM 0.51x, ESAM 0.71x:", ""]
         lines += _table(["model (settings)"] + provs, body)
         lines.append("")
     if png_dir is not None:
