@@ -132,7 +132,7 @@ setup(
         "triton": ["triton>=3.6"],
         "train": ["scikit-learn"],
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "triton>=3.6"],
-        "bench": ["pytest-benchmark", "matplotlib", "triton>=3.6"],
+        "bench": ["pytest-benchmark", "matplotlib", "triton>=3.6", "pytorch-optimizer"],
     },
     entry_points={"console_scripts": ["fastsam=fastsam.cli:main"]},
     ext_modules=ext_modules,

@@ -1,95 +1,93 @@
-"""The optimizer side of one SAM step (first_step + second_step, SGD-momentum base), per provider.
+"""The optimizer side of one SAM step, ``first_step()`` + ``second_step()``, SGD or AdamW base.
 
-Providers, measured side by side in one run on the same parameter set:
+Traffic per fp32 value (DESIGN.md op table): first step 20 bytes (norm 4, perturb 16) + second step
+(SGD 20, AdamW 28) = 40 bytes with SGD, 48 with AdamW. The model's two forward/backward passes are
+not included: this is the part fastsam's kernels replace (``bench_e2e`` measures the whole step).
 
-* ``fastsam-<backend>``     - fastsam.SAM on each available backend
-* ``baseline-per-param``    - the classic per-parameter loop (``bench/baselines.py``)
-* ``peer-foreach-off/on``   - pytorch-optimizer's SAM with ``foreach`` off and on (if installed)
+Providers: ``fastsam.SAM`` per backend, the per-parameter baseline, pytorch-optimizer's SAM
+(foreach off/on); with ``--compile`` also fastsam's torch-backend ops and the plain foreach version
+under ``torch.compile`` (each half compiled on its own: see the note in ``builders``).
 
-Run: ``python -m fastsam.bench.bench_sam_step --set resnet18 --device cpu``.
+Run: ``python -m fastsam.bench.bench_sam_step --set resnet18 --base sgd``.
 """
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from . import harness
-from .baselines import PerParameterSAM
+from . import harness, providers
+from .baselines import foreach_first_step
+from .bench_second_step import STATE_LISTS, compiled_second_step, compiled_state
+from .harness import Instance
 from .param_sets import PARAM_SETS, numel
 
-SGD_KW = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+BYTES_PER_VALUE = {"sgd": 40, "adamw": 48}
 
 
-def providers(device: torch.device) -> dict:
-    import fastsam
+def op_name(base: str) -> str:
+    return f"sam_step_{base}"
+
+
+def builders(shapes, device: torch.device, base: str, compile_: bool = False) -> tuple[dict, list[str]]:
     from fastsam import ops
 
+    seeds = iter(range(1000, 10 ** 6, 2))
+    needed = providers.FIRST_STEP_OPS + providers.SECOND_STEP_OPS[base]
+    factories, notes = providers.optimizer_factories(base, device, needed)
     out = {}
-    for backend in ops.BACKENDS:
-        if ops.supports(backend, "perturb", device, torch.float32)[0] and not (
-                backend == "triton" and device.type == "cpu"):
-            out[f"fastsam-{backend}"] = lambda ps, b=backend: fastsam.SAM(ps, torch.optim.SGD, backend=b, **SGD_KW)
-    out["baseline-per-param"] = lambda ps: PerParameterSAM(ps, torch.optim.SGD, **SGD_KW)
-    try:
-        from pytorch_optimizer import SAM as PeerSAM
+    for name, make_opt in factories.items():
+        def make(make_opt=make_opt):
+            opt = make_opt(providers.make_params(shapes, device, next(seeds)))
 
-        out["peer-foreach-off"] = lambda ps: PeerSAM(ps, torch.optim.SGD, foreach=False, **SGD_KW)
-        out["peer-foreach-on"] = lambda ps: PeerSAM(ps, torch.optim.SGD, foreach=True, **SGD_KW)
-    except ImportError:
-        print("pytorch-optimizer is not installed: skipping the peer (pip install pytorch-optimizer)")
-    return out
+            def sam_step():
+                opt.first_step()
+                opt.second_step()
+            return Instance(sam_step)
+        out[name] = make
+    if compile_:
+        second_fastsam, second_plain = compiled_second_step(base)
+
+        def first_fastsam(w, g, b):
+            ops.perturb_(w, g, b, ops.grad_norm(g, backend="torch"), providers.RHO, backend="torch")
+
+        def first_plain(w, g, b):
+            foreach_first_step(w, g, b, providers.RHO)
+
+        # [note: two compiled halves] Each half is compiled on its own, as in training, where the
+        # model's forward/backward runs between them. One graph over both would let inductor drop
+        # the perturbation as a dead store (w + e is overwritten by the restore, never read).
+        for name, first, second in (("fastsam-torch+compile", first_fastsam, second_fastsam),
+                                    ("foreach+compile", first_plain, second_plain)):
+            def make(first=first, second=second):
+                first_c = providers.compile_fn(first, len(shapes))
+                second_c = providers.compile_fn(second, len(shapes))
+                w = providers.make_tensors(shapes, device, next(seeds))
+                g = providers.make_tensors(shapes, device, next(seeds), 1e-3)
+                b = [torch.empty_like(t) for t in w]
+                state = compiled_state(base, w)
+
+                def sam_step():
+                    first_c(w, g, b)
+                    second_c(w, g, b, state)
+                return Instance(sam_step)
+            out[name] = make
+    return out, notes
 
 
-def measure(set_name: str, device: torch.device, reps: int = 30) -> list[dict]:
-    """Time every provider on its own copy of the parameter set (interleaved rounds on CPU)."""
+def measure(set_name: str, device: torch.device, *, base: str = "sgd", budget_s: float | None = 20.0,
+            compile_: bool = False, copy_gbs: float | None = None) -> tuple[list[dict], list[str]]:
     shapes = PARAM_SETS[set_name]()
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    steps = {}
-    for name, make in providers(device).items():
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).to(device) * 1e-3
-        opt = make(params)
-
-        def sam_step(opt=opt):
-            opt.first_step()
-            opt.second_step()
-
-        steps[name] = sam_step
-    if device.type == "cuda":
-        timings = {name: harness.time_fn(fn, device) for name, fn in steps.items()}
-    else:
-        timings = harness.time_interleaved(steps, rounds=reps)
-    size = f"{set_name}:{len(shapes)}x{numel(shapes)}"
-    dev = harness.device_name(device)
-    rows = []
-    for name, t in timings.items():
-        rows.append(dict(op="sam_step_sgd", provider=name, size=size, metric="median_ms", value=f"{t.median_ms:.4f}",
-                         device=dev))
-        rows.append(dict(op="sam_step_sgd", provider=name, size=size, metric="spread_p20_p80",
-                         value=f"{t.spread:.4f}", device=dev))
-        print(f"{set_name:>10} {name:<22} {t.median_ms:9.3f} ms  (p20-p80 spread {t.spread:.1%})")
-    return rows
+    n = numel(shapes)
+    made, notes = builders(shapes, device, base, compile_)
+    rows, more = harness.measure_kernel(op_name(base), harness.size_label(set_name, shapes), made, device,
+                                        bytes_moved=BYTES_PER_VALUE[base] * n,
+                                        instance_bytes=4 * (3 + STATE_LISTS[base]) * n,
+                                        copy_gbs=copy_gbs, budget_s=budget_s)
+    return rows, notes + more
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", default="resnet18", choices=sorted(PARAM_SETS))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--out", default=None, help="CSV file to append to (default bench/results/results.csv)")
-    args = ap.parse_args(argv)
-    rows = measure(args.set, torch.device(args.device), args.reps)
-    times = {r["provider"]: float(r["value"]) for r in rows if r["metric"] == "median_ms"}
-    fast = min(v for k, v in times.items() if k.startswith("fastsam"))
-    for k, v in times.items():
-        if not k.startswith("fastsam"):
-            print(f"speed-up of fastsam over {k}: {v / fast:.2f}x")
-    path = harness.append_rows(rows, args.out)
-    print(f"rows appended to {path}")
-    return 0
+    return harness.kernel_main(__doc__, measure, argv, choices={"base": tuple(BYTES_PER_VALUE)})
 
 
 if __name__ == "__main__":

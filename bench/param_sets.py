@@ -4,6 +4,7 @@
 * ``vit_b``      - ViT-B/16 at 224px: 152 tensors, about 86M values
 * ``small2000``  - 2000 tensors of 500 values (1M): launch-bound, where per-tensor loops hurt most
 * ``huge``       - 1.07B values in 8 tensors (GPU only)
+* ``tiny``       - 10 tensors, 11k values, odd sizes: for smoke tests of the benchmark code
 """
 
 from __future__ import annotations
@@ -43,11 +44,16 @@ def huge_shapes(total: int = 2 ** 30, pieces: int = 8) -> list[tuple[int, ...]]:
     return [(total // pieces,)] * pieces
 
 
+def tiny_shapes() -> list[tuple[int, ...]]:
+    return [(16, 3, 3, 3), (16,), (32, 16, 3, 3), (32,), (10, 32), (10,), (7,), (1,), (33, 5), (4097,)]
+
+
 PARAM_SETS = {
     "resnet18": resnet18_shapes,
     "vit_b": vit_b_shapes,
     "small2000": small_shapes,
     "huge": huge_shapes,
+    "tiny": tiny_shapes,
 }
 
 
