@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -35,11 +36,18 @@ def test_amp_with_grad_scaler(optimizer):
     assert accuracy(run(["examples/sam_amp.py", "--steps", "40", "--optimizer", optimizer])) > 0.6
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["global", "local"])
 def test_ddp_with_torchrun(mode):
-    text = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-                "examples/sam_ddp.py", "--steps", "5", "--perturbation", mode])
+    text = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port()), "examples/sam_ddp.py", "--steps", "5", "--perturbation", mode],
+               timeout=300)
     assert "weights identical on all ranks: True" in text
 
 
