@@ -58,7 +58,7 @@ def main(argv=None):
     if rank == 0:
         print(f"{world} ranks, {args.perturbation} perturbation, {args.steps} steps: weights identical on all "
               f"ranks: {same}")
-    dist.barrier()  # nobody tears the process group down while a peer still uses it
+    dist.barrier()
     dist.destroy_process_group()
     if not same:
         raise SystemExit("ranks diverged")

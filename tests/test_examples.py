@@ -45,10 +45,22 @@ def free_port() -> int:
 @pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["global", "local"])
 def test_ddp_with_torchrun(mode):
-    text = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port()), "examples/sam_ddp.py", "--steps", "5", "--perturbation", mode],
-               timeout=300)
-    assert "weights identical on all ranks: True" in text
+    # About one torchrun+gloo run in ten aborts at interpreter exit ("terminate called without an
+    # active exception") on this CPU build of torch, with or without fastsam (a plain DDP script
+    # does it too), after the script has finished its work. Up to three attempts keep that torch
+    # teardown race from failing CI while any real failure still fails every attempt.
+    errors = []
+    for _ in range(3):
+        try:
+            text = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                        "--master_port", str(free_port()), "examples/sam_ddp.py", "--steps", "5",
+                        "--perturbation", mode], timeout=300)
+        except AssertionError as exc:
+            errors.append(str(exc))
+            continue
+        assert "weights identical on all ranks: True" in text
+        return
+    pytest.fail("\n\n".join(errors))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="Lightning is not installed")

@@ -234,3 +234,23 @@ def test_explicit_unavailable_backend_raises_with_reason():
             fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="magic")
+
+
+@pytest.mark.parametrize("cls", [fastsam.ESAM, fastsam.MSAM])
+def test_interval_option_is_refused_where_it_cannot_apply(cls):
+    model = make_model()
+    with pytest.raises(ValueError, match="every"):
+        cls(model.parameters(), torch.optim.SGD, lr=0.1, every=2)
+
+
+def test_fp64_parameters_work_on_the_torch_backend():
+    model = make_model().double()
+    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    x, y = batches(1)[0]
+    before = snapshot(model)
+    F.cross_entropy(model(x.double()), y).backward()
+    opt.first_step(zero_grad=True)
+    assert opt.grad_norm.dtype == torch.float32
+    F.cross_entropy(model(x.double()), y).backward()
+    opt.second_step(zero_grad=True)
+    assert all(p.dtype == torch.float64 and not torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -54,6 +54,39 @@ def has_fused_kernels(device: torch.device, dtype: torch.dtype, kind: str = "sgd
     return False
 
 
+def fused_layouts_ok(*lists) -> bool:
+    """Whether torch's fused kernels may walk these parallel tensor lists in memory order.
+
+    They assume that the i-th tensors of every list share one dense layout (the CPU kernels walk
+    raw memory); a transposed parameter with a contiguous gradient would be updated at the wrong
+    elements. Autograd normally gives gradients their parameter's layout, but nothing guarantees it.
+    """
+    for ts in zip(*lists):
+        first = ts[0]
+        if not _dense(first):
+            return False
+        stride = first.stride()
+        for t in ts[1:]:
+            if t.stride() != stride:
+                return False
+    return True
+
+
+def _dense(t: torch.Tensor) -> bool:
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return True
+    # Any permutation of a contiguous block (e.g. a transposed matrix) is dense too.
+    numel, expected = 1, 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+        numel *= size
+    return True
+
+
 def is_low_precision(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
@@ -95,7 +128,7 @@ def add_scaled_or_skip_(params: list[torch.Tensor], directions: list[torch.Tenso
     if not params:
         return
     device, dtype = params[0].device, params[0].dtype
-    if has_fused_kernels(device, dtype, "sgd"):
+    if has_fused_kernels(device, dtype, "sgd") and fused_layouts_ok(params, directions):
         torch._fused_sgd_(params, directions, [], weight_decay=0.0, momentum=0.0, lr=-scale,
                           dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
                           grad_scale=None, found_inf=skip)

@@ -31,6 +31,7 @@ import math
 import torch
 
 from . import _philox
+from ._checks import check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import FP32, add_scaled_or_skip_, as_device_scalar, flat_views, is_low_precision, pack_fp32, unpack_into_
 from .grad_norm import check_mode
@@ -50,12 +51,7 @@ def perturb_(params: list[torch.Tensor], grads: list[torch.Tensor], backups: lis
     check_mode(mode, eta)
     check_perturb_args(rho, beta)
     params, grads, backups = list(params), list(grads), list(backups)
-    if not (len(params) == len(grads) == len(backups)):
-        raise ValueError("params, grads and backups must have the same length")
-    for p, g, b in zip(params, grads, backups):
-        if p.shape != g.shape or p.shape != b.shape or p.dtype != g.dtype or p.dtype != b.dtype:
-            raise ValueError(f"params, grads and backups must match in shape and dtype; got "
-                             f"{tuple(p.shape)}/{p.dtype}, {tuple(g.shape)}/{g.dtype}, {tuple(b.shape)}/{b.dtype}")
+    check_like_params(params, grads=grads, backups=backups)
     run = offset
     for (device, dtype), idx in group_by_device_dtype(params).items():
         _, fn = resolve("perturb", backend, device, dtype)

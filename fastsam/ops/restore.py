@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 
 
 def restore_(params: list[torch.Tensor], backups: list[torch.Tensor], *, backend: str | None = "auto") -> None:
     """``params[i].copy_(backups[i])`` for every i, a constant number of launches per bucket."""
     params, backups = list(params), list(backups)
-    if len(params) != len(backups):
-        raise ValueError("params and backups must have the same length")
-    for p, b in zip(params, backups):
-        if p.shape != b.shape or p.dtype != b.dtype or p.device != b.device:
-            raise ValueError(f"backup {tuple(b.shape)}/{b.dtype}/{b.device} does not match "
-                             f"param {tuple(p.shape)}/{p.dtype}/{p.device}")
+    check_like_params(params, backups=backups)
     for (device, dtype), idx in group_by_device_dtype(params).items():
         _, fn = resolve("restore", backend, device, dtype)
         fn([params[i] for i in idx], [backups[i] for i in idx])

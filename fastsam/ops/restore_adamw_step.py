@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
-from ._torch_common import FP32, has_fused_kernels
+from ._torch_common import FP32, fused_layouts_ok, has_fused_kernels
 
 
 def restore_adamw_step_(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
@@ -43,6 +44,8 @@ def restore_adamw_step_(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_a
     n = len(params)
     if any(len(x) != n for x in lists) or (amsgrad and len(max_exp_avg_sqs) != n):
         raise ValueError("every list must have one entry per parameter (max_exp_avg_sqs when amsgrad)")
+    check_like_params(params, grads=grads, backups=backups, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                      **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}))
     for p, s in zip(params, state_steps):
         if s.device != p.device or s.numel() != 1:
             raise ValueError("state_steps must be one-element tensors on the parameters' device")
@@ -73,7 +76,8 @@ def restore_adamw_step_torch(params, grads, backups, exp_avgs, exp_avg_sqs, max_
     if isinstance(lr, torch.Tensor):
         lr = lr.to(device=device, dtype=FP32, non_blocking=True)
     torch._foreach_add_(state_steps, 1)
-    if has_fused_kernels(device, dtype, "adamw"):
+    if has_fused_kernels(device, dtype, "adamw") and fused_layouts_ok(params, grads, exp_avgs, exp_avg_sqs,
+                                                                     max_exp_avg_sqs if amsgrad else params):
         # torch's own fused AdamW kernel: one pass, fp32 math, grad_scale/found_inf read on device.
         torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
                             state_steps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
-from ._torch_common import FP32, has_fused_kernels, is_low_precision, pack_fp32, unpack_into_
+from ._torch_common import FP32, fused_layouts_ok, has_fused_kernels, is_low_precision, pack_fp32, unpack_into_
 
 
 def restore_sgd_step_(params, grads, backups, momentum_buffers, *, lr, momentum: float = 0.0,
@@ -38,10 +39,10 @@ def restore_sgd_step_(params, grads, backups, momentum_buffers, *, lr, momentum:
     """Fused ``w = backup`` + SGD step (see module docstring), in place on every list."""
     params, grads, backups = list(params), list(grads), list(backups)
     momentum_buffers = list(momentum_buffers)
-    if not (len(params) == len(grads) == len(backups)):
-        raise ValueError("params, grads and backups must have the same length")
     if momentum != 0 and len(momentum_buffers) != len(params):
         raise ValueError("momentum != 0 needs one momentum buffer per parameter")
+    check_like_params(params, grads=grads, backups=backups, **({"momentum_buffers": momentum_buffers}
+                                                               if momentum != 0 else {}))
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
     for (device, dtype), idx in group_by_device_dtype(params).items():
@@ -69,7 +70,7 @@ def restore_sgd_step_torch(params, grads, backups, momentum_buffers, lr, momentu
     device, dtype = params[0].device, params[0].dtype
     if isinstance(lr, torch.Tensor):
         lr = lr.to(device=device, dtype=FP32, non_blocking=True)
-    if has_fused_kernels(device, dtype, "sgd"):
+    if has_fused_kernels(device, dtype, "sgd") and fused_layouts_ok(params, grads, momentum_buffers):
         # torch's own fused SGD kernel: one pass, fp32 math, reads grad_scale/found_inf on device.
         _fused_sgd_(params, grads, momentum_buffers, lr, momentum, dampening, nesterov, weight_decay, maximize,
                     is_first_step, grad_scale, found_inf)

@@ -150,6 +150,9 @@ class ESAM(SAM):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be the torch.nn.Module the closure runs, got {type(model).__name__}")
+        if kwargs.get("every", 1) != 1:
+            raise ValueError("ESAM runs every pass of its step itself and has no cheap steps: every=k (interval "
+                             "SAM) is not supported; use fastsam.SAM(every=k) or fastsam.LookSAM")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
         if self.dp_perturbation == "local" and model is None:
             raise ValueError("dp_perturbation='local' needs model= (the DistributedDataParallel module) so that "

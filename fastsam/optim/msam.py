@@ -82,6 +82,9 @@ class MSAM(SAM):
             raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be the torch.nn.Module the closure runs, got {type(model).__name__}")
+        if kwargs.get("every", 1) != 1:
+            raise ValueError("MSAM runs every pass of its step itself and has no cheap steps: every=k (interval "
+                             "SAM) is not supported; use fastsam.SAM(every=k) or fastsam.LookSAM")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
         if self.dp_perturbation == "local" and model is None:
             raise ValueError("dp_perturbation='local' needs model= (the DistributedDataParallel module) so that "
