@@ -131,8 +131,12 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "train": ["scikit-learn"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "triton>=3.6"],
+        # Everything the test suite exercises: the Triton interpreter, the plots and the peer of the
+        # benchmarks, and the Lightning example.
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "triton>=3.6", "matplotlib", "pytorch-optimizer",
+                 "lightning"],
         "bench": ["pytest-benchmark", "matplotlib", "triton>=3.6", "pytorch-optimizer"],
+        "examples": ["lightning"],
     },
     entry_points={"console_scripts": ["fastsam=fastsam.cli:main"]},
     ext_modules=ext_modules,
