@@ -61,6 +61,8 @@ def fused_layouts_ok(*lists) -> bool:
     raw memory); a transposed parameter with a contiguous gradient would be updated at the wrong
     elements. Autograd normally gives gradients their parameter's layout, but nothing guarantees it.
     """
+    if all(t.is_contiguous() for ts in lists for t in ts):  # the common case, one cheap call per tensor
+        return True
     for ts in zip(*lists):
         first = ts[0]
         if not _dense(first):

@@ -21,7 +21,6 @@ import torch
 
 from fastsam import ops
 
-from ._sharding import local_list as _local
 
 try:  # torch's dtype for optimizer step counters (fp32 unless the default dtype is fp64)
     from torch.optim.optimizer import _get_scalar_dtype
@@ -31,12 +30,21 @@ except Exception:  # pragma: no cover
 
 
 class FusedBaseStep:
-    """Interface: ``step_bucket`` restores and steps one (group, device, dtype) bucket."""
+    """Interface: ``step_bucket`` restores and steps one (group, device, dtype) bucket.
+
+    Buckets are homogeneous by construction and their state is created here like the parameters,
+    so the op's backend implementation is called directly (the public op wrapper would re-check and
+    re-group every tensor each step, which costs more than the step itself for many small tensors).
+    """
 
     name = "generic"
 
-    def step_bucket(self, opt, group, params, grads, backups, backend, grad_scale, found_inf) -> None:
+    def step_bucket(self, opt, group, device, dtype, params, grads, backups, grad_scale, found_inf) -> None:
         raise NotImplementedError
+
+
+def _on(t, device):
+    return None if t is None else t.to(device, non_blocking=True)
 
 
 class FusedSGDStep(FusedBaseStep):
@@ -46,32 +54,35 @@ class FusedSGDStep(FusedBaseStep):
     def applies(base: torch.optim.Optimizer) -> bool:
         return type(base) is torch.optim.SGD and not any(g.get("differentiable", False) for g in base.param_groups)
 
-    def step_bucket(self, opt, group, params, grads, backups, backend, grad_scale, found_inf) -> None:
+    def step_bucket(self, opt, group, device, dtype, params, grads, backups, grad_scale, found_inf) -> None:
+        _, fn = ops.resolve("restore_sgd_step", opt.backend, device, dtype)
         momentum = group["momentum"]
-        kw = dict(lr=group["lr"], momentum=momentum, dampening=group["dampening"], nesterov=group["nesterov"],
-                  weight_decay=group["weight_decay"], maximize=group.get("maximize", False),
-                  grad_scale=grad_scale, found_inf=found_inf, backend=backend)
+        hyper = (group["lr"], momentum, group["dampening"], group["nesterov"], group["weight_decay"],
+                 group.get("maximize", False))
+        scale, found = _on(grad_scale, device), _on(found_inf, device)
+        loc = opt._locals
         if momentum == 0:
-            ops.restore_sgd_step_(_local(params), _local(grads), _local(backups), [], is_first_step=False, **kw)
+            fn(loc(params), loc(grads), loc(backups), [], *hyper, False, scale, found)
             return
         # torch.optim.SGD starts the buffer as a copy of the first gradient (no dampening), so
         # parameters without a buffer yet take the "first step" form of the update.
-        have, fresh = [], []
-        for i, p in enumerate(params):
-            (fresh if opt.state[p].get("momentum_buffer") is None else have).append(i)
-        for idx, first in ((have, False), (fresh, True)):
+        state = opt.state
+        bufs = [state[p].get("momentum_buffer") for p in params]
+        if all(b is not None for b in bufs):
+            fn(loc(params), loc(grads), loc(backups), loc(bufs), *hyper, False, scale, found)
+            return
+        for first in (False, True):
+            idx = [i for i, b in enumerate(bufs) if (b is None) == first]
             if not idx:
                 continue
-            bufs = []
-            for i in idx:
-                st = opt.state[params[i]]
-                if first:
+            if first:
+                for i in idx:
                     # Zeros, not empty: if a GradScaler skips this first step on the device, the
                     # buffer must still hold a valid (fresh) momentum for the next one.
-                    st["momentum_buffer"] = torch.zeros_like(params[i], memory_format=torch.preserve_format)
-                bufs.append(st["momentum_buffer"])
-            ops.restore_sgd_step_(_local([params[i] for i in idx]), _local([grads[i] for i in idx]),
-                                  _local([backups[i] for i in idx]), _local(bufs), is_first_step=first, **kw)
+                    bufs[i] = state[params[i]]["momentum_buffer"] = torch.zeros_like(
+                        params[i], memory_format=torch.preserve_format)
+            fn(loc([params[i] for i in idx]), loc([grads[i] for i in idx]), loc([backups[i] for i in idx]),
+               loc([bufs[i] for i in idx]), *hyper, first, scale, found)
 
 
 class FusedAdamWStep(FusedBaseStep):
@@ -87,9 +98,11 @@ class FusedAdamWStep(FusedBaseStep):
             return all(g.get("decoupled_weight_decay", False) or g["weight_decay"] == 0 for g in base.param_groups)
         return False
 
-    def step_bucket(self, opt, group, params, grads, backups, backend, grad_scale, found_inf) -> None:
+    def step_bucket(self, opt, group, device, dtype, params, grads, backups, grad_scale, found_inf) -> None:
+        _, fn = ops.resolve("restore_adamw_step", opt.backend, device, dtype)
         amsgrad = group.get("amsgrad", False)
         exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], []
+        device_index = params[0].get_device() if params else -1
         for p in params:
             st = opt.state[p]
             if len(st) == 0:
@@ -98,21 +111,21 @@ class FusedAdamWStep(FusedBaseStep):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if st["step"].device != p.device:  # loaded from a CPU-step checkpoint: move once
-                st["step"] = st["step"].to(p.device)
+            step = st["step"]
+            if step.get_device() != device_index:  # loaded from a CPU-step checkpoint: move once
+                step = st["step"] = step.to(p.device)
             if amsgrad and "max_exp_avg_sq" not in st:
                 st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             exp_avgs.append(st["exp_avg"])
             exp_avg_sqs.append(st["exp_avg_sq"])
-            steps.append(st["step"])
+            steps.append(step)
             if amsgrad:
                 max_sqs.append(st["max_exp_avg_sq"])
         beta1, beta2 = group["betas"]
-        ops.restore_adamw_step_(_local(params), _local(grads), _local(backups), _local(exp_avgs), _local(exp_avg_sqs),
-                                _local(max_sqs), steps, lr=group["lr"],
-                                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                                amsgrad=amsgrad, maximize=group.get("maximize", False), grad_scale=grad_scale,
-                                found_inf=found_inf, backend=backend)
+        loc = opt._locals
+        fn(loc(params), loc(grads), loc(backups), loc(exp_avgs), loc(exp_avg_sqs), loc(max_sqs), steps, group["lr"],
+           beta1, beta2, group["eps"], group["weight_decay"], amsgrad, group.get("maximize", False),
+           _on(grad_scale, device), _on(found_inf, device))
 
 
 def fused_base_step_for(base: torch.optim.Optimizer) -> FusedBaseStep | None:

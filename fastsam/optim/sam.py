@@ -289,7 +289,7 @@ class SAM(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                        f"(parameter of shape {tuple(p.shape)})")
-                key = (p.device, p.dtype, mode, rho, eta)
+                key = (p.get_device(), p.dtype, mode, rho, eta)  # get_device(): an int, cheap per tensor
                 b = buckets.get(key)
                 if b is None:
                     b = buckets[key] = _Bucket(p.device, p.dtype, mode, rho, eta)
@@ -300,7 +300,8 @@ class SAM(torch.optim.Optimizer):
     def _backup_for(self, p: torch.Tensor) -> torch.Tensor:
         b = self._backups.get(p)
         w = self._local(p)
-        if b is None or b.shape != w.shape or b.dtype != w.dtype or b.device != w.device:
+        # Re-allocated only if the parameter changed shape, dtype or device since the last step.
+        if b is None or b.shape != w.shape or b.dtype is not w.dtype or b.get_device() != w.get_device():
             b = self._backups[p] = torch.empty_like(w, memory_format=torch.preserve_format)
         return b
 
@@ -429,17 +430,20 @@ class SAM(torch.optim.Optimizer):
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                        f"(parameter of shape {tuple(p.shape)}); the weights were restored")
                 backup = restore_only.pop(p, p)  # a parameter that was not perturbed is its own backup
-                ps, gs, bs = buckets.setdefault((p.device, p.dtype), ([], [], []))
-                ps.append(p)
-                gs.append(g)
-                bs.append(backup)
+                key = (p.get_device(), p.dtype)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = ([], [], [])
+                bucket[0].append(p)
+                bucket[1].append(g)
+                bucket[2].append(backup)
             plan.extend((group, ps, gs, bs) for ps, gs, bs in buckets.values())
         if restore_only:
             self._step_state.perturbed = restore_only
             self.restore()
         grad_scale, found_inf = self._amp_scale_args()
         for group, ps, gs, bs in plan:
-            self._fused_base.step_bucket(self, group, ps, gs, bs, self.backend, grad_scale, found_inf)
+            self._fused_base.step_bucket(self, group, ps[0].device, ps[0].dtype, ps, gs, bs, grad_scale, found_inf)
 
     def _generic_base_step(self) -> None:
         """The base optimizer's own ``step()``, unscaling and skipping for a GradScaler first.
