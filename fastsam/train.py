@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-OPTIMIZERS = ("sgd", "sam", "asam", "fishersam", "esam", "msam")
+OPTIMIZERS = ("sgd", "sam", "asam", "fishersam", "esam", "msam", "gsam", "looksam")
 # Optimizers that run their own passes from a per-sample-loss closure (fastsam.ESAM, fastsam.MSAM).
 CLOSURE_DRIVEN = ("esam", "msam")
 MSAM_MICRO_BATCHES = 4
@@ -81,6 +81,10 @@ def make_optimizer(name: str, params, lr: float, backend: str, model=None):
     if name == "msam":
         return fastsam.MSAM(params, torch.optim.SGD, rho=0.05, micro_batches=MSAM_MICRO_BATCHES, model=model,
                             backend=backend, **common)
+    if name == "gsam":
+        return fastsam.GSAM(params, torch.optim.SGD, rho=0.05, alpha=0.4, backend=backend, **common)
+    if name == "looksam":
+        return fastsam.LookSAM(params, torch.optim.SGD, rho=0.05, k=5, alpha=0.7, backend=backend, **common)
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
@@ -132,9 +136,10 @@ def train_one(name, data, init_state, args, progress) -> RunResult:
                 opt.step()
                 opt.zero_grad()
                 continue
-            opt.first_step(zero_grad=True)
-            with fastsam.frozen_running_stats(model):
-                F.cross_entropy(model(xb), yb).backward()
+            if opt.needs_second_pass:  # always, except LookSAM's steps between its SAM steps
+                opt.first_step(zero_grad=True)
+                with fastsam.frozen_running_stats(model):
+                    F.cross_entropy(model(xb), yb).backward()
             opt.second_step(zero_grad=True)
         sched.step()
         epoch_times.append(time.perf_counter() - t0)

@@ -37,11 +37,12 @@ def test_train_prints_accuracy_and_time_per_optimizer():
     assert "epoch" in out.stderr  # the progress bar
 
 
-def test_train_runs_the_closure_driven_optimizers():
-    out = run("train", "--epochs", "1", "--optimizers", "esam,msam")
+def test_train_runs_the_other_sam_variants():
+    names = ["esam", "msam", "gsam", "looksam"]
+    out = run("train", "--epochs", "1", "--optimizers", ",".join(names))
     assert out.returncode == 0, out.stderr
-    rows = [l.split() for l in out.stdout.splitlines() if l.split() and l.split()[0] in ("esam", "msam")]
-    assert [r[0] for r in rows] == ["esam", "msam"]
+    rows = [l.split() for l in out.stdout.splitlines() if l.split() and l.split()[0] in names]
+    assert [r[0] for r in rows] == names
     assert all(0.3 < float(r[1]) <= 1.0 for r in rows)
 
 
