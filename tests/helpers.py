@@ -63,3 +63,24 @@ def assert_close_dtype(actual: torch.Tensor, expected_fp64: torch.Tensor, dtype:
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(actual.double().cpu(), expected_fp64.to(dtype).double().cpu(),
                                rtol=rtol * factor, atol=atol * factor, msg=msg or None)
+
+
+# Ops that force a host synchronisation on a GPU (reading a device value on the host).
+SYNC_OPS = ("_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose")
+
+
+def host_sync_watch():
+    """A dispatch mode collecting, in ``.seen``, every host-syncing op dispatched inside it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostSyncWatch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(s in str(func) for s in SYNC_OPS):
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return HostSyncWatch()

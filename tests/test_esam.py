@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fastsam
 from fastsam.ops import _philox
-from helpers import backends_for
+from helpers import backends_for, host_sync_watch
 
 STEPS = 14
 RESUME_AT = 6
@@ -415,26 +415,15 @@ def test_two_call_form_gives_swp_without_sds():
 
 
 def test_no_host_sync_ops_in_a_step():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    sync_ops = ("_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose")
-
-    class Watch(TorchDispatchMode):
-        seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if any(s in str(func) for s in sync_ops):
-                Watch.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
+    watch = host_sync_watch()
     for swp in ("element", "tensor"):
         model = make_model()
         opt = fastsam.ESAM(model.parameters(), torch.optim.AdamW, swp=swp, lr=1e-3, model=model, seed=0)
         x, y = batches(1)[0]
         for _ in range(2):
-            with Watch():
+            with watch:
                 opt.step(per_sample_closure(model, x, y))
-    assert Watch.seen == []
+    assert watch.seen == []
 
 
 def test_pickle_round_trip_and_repr():

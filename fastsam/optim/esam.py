@@ -96,6 +96,19 @@ def per_sample_losses(losses, expected: int | None, who: str) -> torch.Tensor:
     return losses
 
 
+
+def check_pass_driver_args(name: str, model, kwargs: dict) -> None:
+    """Checks shared by the optimizers that run every pass of their step (ESAM, MSAM), up front."""
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be the torch.nn.Module the closure runs, got {type(model).__name__}")
+    if kwargs.get("every", 1) != 1:
+        raise ValueError(f"{name} runs every pass of its step itself and has no cheap steps: every=k (interval "
+                         "SAM) is not supported; use fastsam.SAM(every=k) or fastsam.LookSAM")
+    if kwargs.get("dp_perturbation", "global") == "local" and model is None:
+        raise ValueError(f"dp_perturbation='local' needs model= (the DistributedDataParallel module) so that "
+                         f"{name} can run its first-pass backward without the gradient all-reduce")
+
+
 class ESAM(SAM):
     r"""ESAM: SAM with stochastic weight perturbation (SWP) and sharpness-sensitive data selection (SDS).
 
@@ -148,15 +161,8 @@ class ESAM(SAM):
             raise ValueError(f"swp must be one of {SWP_MODES}, got {swp!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be the torch.nn.Module the closure runs, got {type(model).__name__}")
-        if kwargs.get("every", 1) != 1:
-            raise ValueError("ESAM runs every pass of its step itself and has no cheap steps: every=k (interval "
-                             "SAM) is not supported; use fastsam.SAM(every=k) or fastsam.LookSAM")
+        check_pass_driver_args("ESAM", model, kwargs)
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
-        if self.dp_perturbation == "local" and model is None:
-            raise ValueError("dp_perturbation='local' needs model= (the DistributedDataParallel module) so that "
-                             "ESAM can run the first backward without the gradient all-reduce")
         self.beta, self.gamma, self.swp, self.model = beta, gamma, swp, model
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())

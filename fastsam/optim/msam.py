@@ -39,7 +39,7 @@ import torch
 
 from fastsam.distributed import second_pass, sync_context
 
-from .esam import per_sample_losses
+from .esam import check_pass_driver_args, per_sample_losses
 from .sam import SAM
 
 
@@ -80,15 +80,8 @@ class MSAM(SAM):
                  *, model=None, **kwargs):
         if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
             raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be the torch.nn.Module the closure runs, got {type(model).__name__}")
-        if kwargs.get("every", 1) != 1:
-            raise ValueError("MSAM runs every pass of its step itself and has no cheap steps: every=k (interval "
-                             "SAM) is not supported; use fastsam.SAM(every=k) or fastsam.LookSAM")
+        check_pass_driver_args("MSAM", model, kwargs)
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
-        if self.dp_perturbation == "local" and model is None:
-            raise ValueError("dp_perturbation='local' needs model= (the DistributedDataParallel module) so that "
-                             "MSAM can run the first backwards without the gradient all-reduce")
         self.micro_batches = micro_batches
         self.model = model
         self._shard_cache: dict = {}
