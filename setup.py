@@ -118,6 +118,7 @@ setup(
         "fastsam.ops",
         "fastsam.optim",
         "fastsam.utils",
+        "fastsam.integrations",
         "fastsam.kernels",
         "fastsam.bench",
     ],
