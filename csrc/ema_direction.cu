@@ -14,6 +14,7 @@ struct EmaDirectionArgs {
 
 // Lists: 0 = grads (in/out), 1 = momenta (in/out).
 struct EmaDirectionOp {
+  static constexpr unsigned kLoads = (1u << 0) | (1u << 1);
   static constexpr unsigned kStores = (1u << 0) | (1u << 1);
   float sigma;
   float lmbda;

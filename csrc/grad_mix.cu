@@ -17,6 +17,7 @@ struct GradMixArgs {
 // Lists: 0 = x (in/out), 1 = y (in; out with kSwap).
 template <bool kSwap>
 struct GradMixOp {
+  static constexpr unsigned kLoads = (1u << 0) | (1u << 1);
   static constexpr unsigned kStores = kSwap ? ((1u << 0) | (1u << 1)) : (1u << 0);
   float a;
   float b;
