@@ -14,6 +14,9 @@ Ops (each in its own file, same name as its kernel in ``kernels/`` and ``csrc/``
 ``gsam_combine_``          GSAM's direction ``g_p - alpha * g_perp``, in place
 ``looksam_orthogonal_``    LookSAM's ``g_v = g_s - (<g, g_s>/||g||^2) g`` and its squared norm
 ``looksam_combine_``       LookSAM's cheap-step direction ``g + alpha (||g||/||g_v||) g_v``, in place
+``momentum_sam_sgd_``      Momentum-SAM: back from the ascent point, SGD step, ``||v||^2`` (fused)
+``momentum_sam_adamw_``    the same with the AdamW step
+``momentum_sam_shift_``    ``w += scale * v`` (optionally backing ``w`` up): the ascent move
 =========================  ====================================================================
 
 Every op accepts lists of tensors, splits them into (device, dtype) buckets and runs a constant
@@ -39,6 +42,7 @@ from .grad_dot import grad_dot
 from .grad_norm import MODES, grad_norm, grad_sq_norm
 from .gsam_combine import gsam_combine_
 from .looksam_combine import looksam_combine_, looksam_orthogonal_
+from .momentum_sam import momentum_sam_adamw_, momentum_sam_sgd_, momentum_sam_shift_
 from .perturb import perturb_
 from .restore import restore_
 from .restore_adamw_step import restore_adamw_step_
@@ -51,4 +55,5 @@ __all__ = [
     "grad_norm", "grad_sq_norm", "perturb_", "restore_", "restore_sgd_step_", "restore_adamw_step_",
     "sds_k", "sds_select", "sds_weights",
     "grad_dot", "gsam_combine_", "looksam_orthogonal_", "looksam_combine_",
+    "momentum_sam_sgd_", "momentum_sam_adamw_", "momentum_sam_shift_",
 ]
