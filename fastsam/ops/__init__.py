@@ -14,6 +14,8 @@ Ops (each in its own file, same name as its kernel in ``kernels/`` and ``csrc/``
 ``gsam_combine_``          GSAM's direction ``g_p - alpha * g_perp``, in place
 ``looksam_orthogonal_``    LookSAM's ``g_v = g_s - (<g, g_s>/||g||^2) g`` and its squared norm
 ``looksam_combine_``       LookSAM's cheap-step direction ``g + alpha (||g||/||g_v||) g_v``, in place
+``per_tensor_norm``        ``[||x_0||, ..., ||x_{T-1}||]``: every tensor's own L2 norm (AWP, HERO)
+``perturb_per_tensor_``    ``backup = w; w += s_t * g`` with one device scale per tensor (layer-wise)
 =========================  ====================================================================
 
 Every op accepts lists of tensors, splits them into (device, dtype) buckets and runs a constant
@@ -39,7 +41,9 @@ from .grad_dot import grad_dot
 from .grad_norm import MODES, grad_norm, grad_sq_norm
 from .gsam_combine import gsam_combine_
 from .looksam_combine import looksam_combine_, looksam_orthogonal_
+from .per_tensor_norm import per_tensor_norm, per_tensor_sq_norms
 from .perturb import perturb_
+from .perturb_per_tensor import perturb_per_tensor_
 from .restore import restore_
 from .restore_adamw_step import restore_adamw_step_
 from .restore_sgd_step import restore_sgd_step_
@@ -51,4 +55,6 @@ __all__ = [
     "grad_norm", "grad_sq_norm", "perturb_", "restore_", "restore_sgd_step_", "restore_adamw_step_",
     "sds_k", "sds_select", "sds_weights",
     "grad_dot", "gsam_combine_", "looksam_orthogonal_", "looksam_combine_",
+    # layer-wise perturbation (AWP, WT-AWP, HERO)
+    "per_tensor_norm", "per_tensor_sq_norms", "perturb_per_tensor_",
 ]
