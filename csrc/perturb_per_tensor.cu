@@ -18,6 +18,7 @@ struct PerturbPerTensorArgs {
 
 // Lists: 0 = params (in/out), 1 = grads, 2 = backups (out).
 struct PerturbPerTensorOp {
+  static constexpr unsigned kLoads = (1u << 0) | (1u << 1);  // the backup is only written
   static constexpr unsigned kStores = (1u << 0) | (1u << 2);
   float scale;
 
