@@ -73,6 +73,9 @@ CASES = [
     ("restore_sgd_step", "SgdBody", "Lb1", 3 + 1, 2 + 1, 3),    # + the momentum buffer, read and written
     ("restore_adamw_step", "AdamWBody", "Lb0", 4 + 1, 3 + 1, 5),  # g, backup, m, v; + the step (fp32|fp64 load)
     ("restore_adamw_step", "AdamWBody", "Lb1", 5 + 1, 4 + 1, 5),  # + vmax (amsgrad)
+    ("grad_mix", "GradMixBody", "Lb0", 2, 1, 3),                # reads x, y, writes x; a, b, skip
+    ("grad_mix", "GradMixBody", "Lb1", 2, 2, 3),                # swap: writes both
+    ("ema_direction", "EmaDirectionBody", None, 2, 2, 1),        # reads and writes g, m; skip
 ]
 
 
