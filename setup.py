@@ -194,6 +194,7 @@ setup(
         "fastsam.ops",
         "fastsam.optim",
         "fastsam.utils",
+        "fastsam.integrations",
         "fastsam.kernels",
         "fastsam.bench",
     ],
