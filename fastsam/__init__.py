@@ -11,6 +11,7 @@ from .optim import ESAM, MSAM
 from . import distributed
 from .optim import GSAM, LookSAM, RhoScheduler
 from .optim import MomentumSAM, MomentumSAMAdamW
+from .optim import AESAM, RandomSwitchSAM
 from .utils import disable_running_stats, enable_running_stats, frozen_running_stats
 from .version import __version__
 
@@ -19,6 +20,7 @@ __all__ = [
     "ESAM", "MSAM", "distributed",
     "GSAM", "LookSAM", "RhoScheduler",
     "MomentumSAM", "MomentumSAMAdamW",
+    "AESAM", "RandomSwitchSAM",
     "ops", "frozen_running_stats", "disable_running_stats", "enable_running_stats",
     "__version__",
 ]

@@ -113,6 +113,12 @@ register("intervalsam", lambda p, s: _fastsam().SAM(p, torch.optim.SGD, rho=0.05
                                                     **s.sgd), summary="SAM rho=0.05 every 5th step")
 register("momentumsam", lambda p, s: _fastsam().MomentumSAM(p, rho=0.3, backend=s.backend, **s.sgd), "plain",
          summary="Momentum-SAM rho=0.3 (authors' default)")
+register("aesam", lambda p, s: _fastsam().AESAM(p, torch.optim.SGD, rho=0.05, total_steps=s.epochs * s.steps_per_epoch,
+                                                backend=s.backend, **s.sgd),
+         summary="AE-SAM rho=0.05 delta=0.9 lambda -1 -> 1 (paper's CIFAR defaults)")
+register("rst", lambda p, s: _fastsam().RandomSwitchSAM(p, torch.optim.SGD, rho=0.05, probability=0.5, seed=s.seed,
+                                                        backend=s.backend, **s.sgd),
+         summary="RST rho=0.05, SAM with probability 0.5")
 
 
 def load_digits_tensors(noise: float, seed: int, device: torch.device):
