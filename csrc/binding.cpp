@@ -239,6 +239,32 @@ void restore_adamw_step_cuda(at::TensorList params, at::TensorList grads, at::Te
                                     stream_on(rows.device())));
 }
 
+void grad_mix_cuda(at::TensorList xs, at::TensorList ys, const at::Tensor& a, const at::Tensor& b, bool swap,
+                   const c10::optional<at::Tensor>& skip) {
+  TensorRows rows(xs, "xs");
+  rows.add(ys, "ys", xs);
+  c10::cuda::CUDAGuard guard(rows.device());
+  const at::Tensor a32 = device_scalar(a, rows.device(), "a");
+  const at::Tensor b32 = device_scalar(b, rows.device(), "b");
+  at::Tensor skip32;
+  if (skip.has_value()) skip32 = device_scalar(*skip, rows.device(), "skip");
+  const GradMixConfig config{a32.data_ptr<float>(), b32.data_ptr<float>(), swap,
+                             skip32.defined() ? skip32.data_ptr<float>() : nullptr};
+  C10_CUDA_CHECK(grad_mix(rows.dtype(), rows.rows(), rows.numels(), rows.size(), config, stream_on(rows.device())));
+}
+
+void ema_direction_cuda(at::TensorList grads, at::TensorList momenta, double sigma, double lmbda,
+                        const c10::optional<at::Tensor>& skip) {
+  TensorRows rows(grads, "grads");
+  rows.add(momenta, "momenta", grads);
+  c10::cuda::CUDAGuard guard(rows.device());
+  at::Tensor skip32;
+  if (skip.has_value()) skip32 = device_scalar(*skip, rows.device(), "skip");
+  C10_CUDA_CHECK(ema_direction(rows.dtype(), rows.rows(), rows.numels(), rows.size(), static_cast<float>(sigma),
+                               static_cast<float>(lmbda), skip32.defined() ? skip32.data_ptr<float>() : nullptr,
+                               stream_on(rows.device())));
+}
+
 // Both losses in one kernel dtype: as given when they already share one, else both as fp32
 // (exactly the torch backend's `.float()` before the subtraction).
 std::pair<at::Tensor, at::Tensor> loss_pair(const at::Tensor& before, const at::Tensor& after) {
@@ -292,6 +318,8 @@ TORCH_LIBRARY(fastsam_cuda, m) {
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   m.def("restore_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor(b!)[] momentum_buffers, Tensor? lr_tensor, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool is_first_step, Tensor? grad_scale, Tensor? found_inf) -> ()");
   m.def("restore_adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def("grad_mix_(Tensor(a!)[] xs, Tensor(b!)[] ys, Tensor a, Tensor b, bool swap, Tensor? skip) -> ()");
+  m.def("ema_direction_(Tensor(a!)[] grads, Tensor(b!)[] momenta, float sigma, float lmbda, Tensor? skip) -> ()");
   m.def("sds_select(Tensor loss_before, Tensor loss_after, int k) -> Tensor");
   m.def("sds_weights(Tensor loss_before, Tensor loss_after, float temperature) -> Tensor");
 }
@@ -302,6 +330,8 @@ TORCH_LIBRARY_IMPL(fastsam_cuda, CUDA, m) {
   m.impl("restore_", &fastsam::cuda::restore_cuda);
   m.impl("restore_sgd_step_", &fastsam::cuda::restore_sgd_step_cuda);
   m.impl("restore_adamw_step_", &fastsam::cuda::restore_adamw_step_cuda);
+  m.impl("grad_mix_", &fastsam::cuda::grad_mix_cuda);
+  m.impl("ema_direction_", &fastsam::cuda::ema_direction_cuda);
   m.impl("sds_select", &fastsam::cuda::sds_select_cuda);
   m.impl("sds_weights", &fastsam::cuda::sds_weights_cuda);
 }

@@ -22,7 +22,7 @@ enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class NormMode : int32_t { kPlain = 0, kAdaptive = 1, kFisher = 2 };
 
 // Bumped whenever a signature or schema changes, so a stale build is detected at load time.
-constexpr int64_t kAbiVersion = 1;
+constexpr int64_t kAbiVersion = 2;
 
 // sds_select ranks a batch in one launch up to this size (O(B^2 / #threads) comparisons).
 constexpr int64_t kMaxSdsSelectBatch = 65536;
@@ -91,6 +91,22 @@ struct AdamWConfig {
 };
 cudaError_t restore_adamw_step(DType dtype, void* const* rows, void* const* steps, const int64_t* numels, int n,
                                const AdamWConfig& config, cudaStream_t stream);
+
+// grad_mix: rows [xs, ys]. Unless *skip is non-zero: x = a x + b y, or with swap y = a x + b y and
+// x = y_old. a, b (required) and skip (may be null) are device scalars.
+struct GradMixConfig {
+  const float* a;
+  const float* b;
+  bool swap;
+  const float* skip;
+};
+cudaError_t grad_mix(DType dtype, void* const* rows, const int64_t* numels, int n, const GradMixConfig& config,
+                     cudaStream_t stream);
+
+// ema_direction: rows [grads, momenta]. Unless *skip is non-zero (skip may be null):
+// g = g - sigma m and m = lmbda m + (1 - lmbda) g_old.
+cudaError_t ema_direction(DType dtype, void* const* rows, const int64_t* numels, int n, float sigma, float lmbda,
+                          const float* skip, cudaStream_t stream);
 
 // sds_select: out[0..k) = indices of the k largest s_i = after_i - before_i (fp32), by decreasing s,
 // ties by lower index, NaN ranked as -inf (last). 1 <= k <= batch <= kMaxSdsSelectBatch.

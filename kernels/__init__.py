@@ -6,5 +6,5 @@ interpreter is available (``TRITON_INTERPRET=1`` on CPU).
 """
 
 # Importing the op modules registers their torch.library ops (``torch.ops.fastsam.*_triton*``).
-from . import (grad_norm, perturb, restore, restore_adamw_step, restore_sgd_step,  # noqa: E402,F401
-               sds_select, sds_weights)
+from . import (ema_direction, grad_mix, grad_norm, perturb, restore, restore_adamw_step,  # noqa: E402,F401
+               restore_sgd_step, sds_select, sds_weights)

@@ -57,6 +57,8 @@ class Emulation:
         lib.fastsam_emu_restore_adamw_step.argtypes = [c_int, vp, vp, i64p, c_int, c_void_p, c_float, c_double,
                                                        c_double, c_float, c_float, c_int, c_int, c_int, c_void_p,
                                                        c_void_p]
+        lib.fastsam_emu_grad_mix.argtypes = [c_int, vp, i64p, c_int, c_void_p, c_void_p, c_int, c_void_p]
+        lib.fastsam_emu_ema_direction.argtypes = [c_int, vp, i64p, c_int, c_float, c_float, c_void_p]
         lib.fastsam_emu_sds_select.argtypes = [c_int, c_void_p, c_void_p, c_int, c_int, c_void_p]
         lib.fastsam_emu_sds_weights.argtypes = [c_int, c_void_p, c_void_p, c_int, c_float, c_void_p]
 
@@ -133,6 +135,18 @@ class Emulation:
             DTYPE_CODES[params[0].dtype], rows, steps, numels, n, _ptr(lr_tensor), lr, beta1, beta2, eps, weight_decay,
             int(amsgrad), int(maximize), int(state_steps[0].dtype == torch.float64), _ptr(grad_scale),
             _ptr(found_inf)), "restore_adamw_step_")
+
+    def grad_mix_(self, xs, ys, a, b, swap, skip):
+        rows, numels, n = _rows(xs, ys)
+        a, b, skip = _scalar(a), _scalar(b), _scalar(skip)
+        _check(self.lib.fastsam_emu_grad_mix(DTYPE_CODES[xs[0].dtype], rows, numels, n, _ptr(a), _ptr(b), int(swap),
+                                             _ptr(skip)), "grad_mix_")
+
+    def ema_direction_(self, grads, momenta, sigma, lmbda, skip):
+        rows, numels, n = _rows(grads, momenta)
+        skip = _scalar(skip)
+        _check(self.lib.fastsam_emu_ema_direction(DTYPE_CODES[grads[0].dtype], rows, numels, n, sigma, lmbda,
+                                                  _ptr(skip)), "ema_direction_")
 
     @staticmethod
     def _losses(before, after):
