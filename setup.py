@@ -194,6 +194,7 @@ setup(
         "fastsam.ops",
         "fastsam.optim",
         "fastsam.utils",
+        "fastsam.sharpness",
         "fastsam.kernels",
         "fastsam.bench",
     ],

@@ -90,28 +90,62 @@ SPECTRUM = [5.0, 3.0, 2.0, 1.0, 0.5, 0.25]
 # ---------------------------------------------------------------------------------------- Hessian
 
 
-def test_eigenvalues_of_a_quadratic_with_chosen_spectrum():
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_eigenvalues_of_a_quadratic_with_chosen_spectrum(method):
     A = spd(SPECTRUM, seed=1)
     model = Quadratic(A, torch.randn(6, dtype=torch.float64))
     data = (torch.ones(8, 1, dtype=torch.float64), torch.zeros(8))
-    vals, vecs = fs.hessian_eigenvalues(model, mean_loss, data, k=3, tol=1e-12, max_iter=500, return_vectors=True)
+    vals, vecs = fs.hessian_eigenvalues(model, mean_loss, data, k=3, method=method, tol=1e-12, max_iter=500,
+                                        return_vectors=True)
     assert vals == pytest.approx(SPECTRUM[:3], rel=1e-6, abs=0)
     q = rotation(6, 1)
     for i, v in enumerate(vecs):  # the eigenvectors too, up to sign
         assert abs(float(v[0] @ q[:, i])) == pytest.approx(1.0, abs=1e-6)
+        assert float(v[0].norm()) == pytest.approx(1.0, abs=1e-9)
 
 
-def test_eigenvalues_over_an_uneven_loader_weight_batches_by_size():
+def test_lanczos_gives_the_largest_not_the_largest_magnitude():
+    """An indefinite Hessian (a saddle): Lanczos returns the largest eigenvalues, power iteration |largest|."""
+    spectrum = [2.0, 1.0, 0.3, -0.5, -4.0]
+    A = spd(spectrum, seed=9)
+    model = Quadratic(A, torch.randn(5, dtype=torch.float64))
+    data = (torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))
+    assert fs.hessian_eigenvalues(model, mean_loss, data, k=2) == pytest.approx([2.0, 1.0], rel=1e-6)
+    power = fs.hessian_eigenvalues(model, mean_loss, data, k=1, method="power", tol=1e-12, max_iter=500)
+    assert power == pytest.approx([-4.0], rel=1e-6)
+
+
+def test_lanczos_converges_on_a_large_spectrum_within_few_products():
+    """200 parameters, 60 products: the top 3 of a spectrum with a clear gap to 1e-6."""
+    spectrum = [10.0, 8.0, 6.0] + torch.linspace(0.0, 3.0, 197).tolist()
+    q = rotation(200, 10)
+    A = q @ torch.diag(torch.tensor(spectrum, dtype=torch.float64)) @ q.T
+    model = Quadratic(A, torch.zeros(200, dtype=torch.float64))
+    data = (torch.ones(2, 1, dtype=torch.float64), torch.zeros(2))
+    calls = []
+
+    def counting(out, y):
+        calls.append(1)
+        return out.mean()
+
+    vals = fs.hessian_eigenvalues(model, counting, data, k=3, max_iter=60, tol=1e-10)
+    assert vals == pytest.approx([10.0, 8.0, 6.0], rel=1e-6)
+    assert len(calls) <= 60
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_eigenvalues_over_an_uneven_loader_weight_batches_by_size(method):
     """The Hessian of the mean over samples: batches of 3, 5 and 1 samples weigh 3, 5 and 1."""
     A = spd(SPECTRUM, seed=2)
     s = torch.linspace(0.5, 2.0, 9, dtype=torch.float64) ** 2
     model = Quadratic(A, torch.randn(6, dtype=torch.float64))
     loader = weight_batches(s, [3, 5, 1])
-    vals = fs.hessian_eigenvalues(model, mean_loss, loader, k=2, tol=1e-12, max_iter=500)
+    vals = fs.hessian_eigenvalues(model, mean_loss, loader, k=2, method=method, tol=1e-12, max_iter=500)
     expected = [float(s.mean()) * lam for lam in SPECTRUM[:2]]
     assert vals == pytest.approx(expected, rel=1e-6, abs=0)
     # max_batches=1 uses the first batch only
-    first = fs.hessian_eigenvalues(model, mean_loss, loader, k=1, tol=1e-12, max_iter=500, max_batches=1)
+    first = fs.hessian_eigenvalues(model, mean_loss, loader, k=1, method=method, tol=1e-12, max_iter=500,
+                                   max_batches=1)
     assert first[0] == pytest.approx(float(s[:3].mean()) * SPECTRUM[0], rel=1e-6)
 
 
@@ -309,6 +343,8 @@ MEASUREMENTS = {
     "m_sharpness_train": lambda model, lf, data: fs.m_sharpness(model, lf, data, rho=0.1, m=4, steps=2,
                                                                 train_mode=True),
     "eigenvalues": lambda model, lf, data: fs.hessian_eigenvalues(model, lf, data, k=2, max_iter=5),
+    "eigenvalues_power": lambda model, lf, data: fs.hessian_eigenvalues(model, lf, data, k=2, max_iter=3,
+                                                                        method="power"),
     "trace": lambda model, lf, data: fs.hessian_trace(model, lf, data, max_iter=4),
     "landscape_1d": lambda model, lf, data: fs.loss_landscape(model, lf, data, steps=5),
     "landscape_2d": lambda model, lf, data: fs.loss_landscape(model, lf, data, dims=2, steps=3, train_mode=True),

@@ -258,3 +258,23 @@ def test_sharpness_log_summary():
     assert summary["steps"] == 5
     assert summary["sharpness"] == pytest.approx(sum(expected) / 5, rel=1e-5)
     assert "sharpness" in log.format_last()
+
+
+def test_sharpness_under_torch_compile_fullgraph():
+    """first_step(loss=)/second_step(loss=) trace without graph breaks and leave the same sharpness."""
+    model = make_model()
+    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, rho=0.2, **SGD)
+    torch._dynamo.reset()
+    first = torch.compile(lambda loss: opt.first_step(loss=loss), backend="aot_eager", fullgraph=True)
+    second = torch.compile(lambda loss: opt.second_step(loss=loss), backend="aot_eager", fullgraph=True)
+    for step in range(3):
+        x, y = batch(step)
+        opt.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        first(loss.detach())
+        opt.zero_grad(set_to_none=False)
+        perturbed = F.cross_entropy(model(x), y)
+        perturbed.backward()
+        second(perturbed.detach())
+        torch.testing.assert_close(opt.sharpness, perturbed.detach() - loss.detach())

@@ -22,9 +22,9 @@ are backed up and restored too. Weights are saved and put back with fastsam's fu
   ICML 2023): the average over disjoint ``m``-sample shards ``S`` of
   ``max_{||d|| <= rho} L_S(w + d) - L_S(w)``, the max found by projected normalised gradient ascent;
   ``adaptive=True`` is their adaptive (scale-invariant) ball ``||d / (|w| + eta)|| <= rho``.
-* :func:`hessian_eigenvalues`, :func:`hessian_trace`: top-k eigenvalues by power iteration with
-  deflation and the trace by Hutchinson's estimator, on Hessian-vector products over a loader (as
-  PyHessian, Yao et al., "PyHessian: Neural Networks Through the Lens of the Hessian", 2020).
+* :func:`hessian_eigenvalues`, :func:`hessian_trace`: top-k eigenvalues by Lanczos (or PyHessian's
+  power iteration with deflation) and the trace by Hutchinson's estimator, on Hessian-vector
+  products over a loader (Yao et al., "PyHessian: Neural Networks Through the Lens of the Hessian", 2020).
 * :func:`loss_landscape`, :func:`plot_landscape`: 1-D and 2-D slices along filter-normalised random
   directions (Li et al., "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018); the plot
   needs matplotlib (``pip install 'fastsam[plot]'``).
@@ -414,66 +414,148 @@ def _cached(data, device, max_batches):
     return list(_batches(data, device, max_batches))
 
 
-def hessian_eigenvalues(model, loss_fn, data, k: int = 1, *, max_iter: int = 100, tol: float = 1e-4,
-                        seed: int = 0, max_batches: int | None = None, return_vectors: bool = False,
-                        train_mode: bool = False, progress: bool = False):
-    r"""Top-``k`` Hessian eigenvalues of the data's mean loss, by power iteration with deflation.
+def hessian_eigenvalues(model, loss_fn, data, k: int = 1, *, method: str = "lanczos", max_iter: int = 100,
+                        tol: float = 1e-6, seed: int = 0, max_batches: int | None = None,
+                        return_vectors: bool = False, train_mode: bool = False, progress: bool = False):
+    r"""Top-``k`` Hessian eigenvalues of the data's mean loss, from Hessian-vector products.
 
-    For ``i = 1..k``: start from a seeded random vector orthogonal to the eigenvectors found so far,
-    iterate ``v <- P H v / ||P H v||`` (``P`` projects out the found eigenvectors; ``H v`` is a
-    Hessian-vector product by double backward, summed over every batch of ``data``) until the
-    Rayleigh quotient ``lambda = v^T H v`` changes by less than ``tol * |lambda|`` between two
-    iterations or ``max_iter`` products were spent. Power iteration finds the eigenvalues of largest
-    magnitude (as PyHessian does); at a minimum of the loss they are the largest ones.
+    ``H v`` is a double-backward product summed over every batch of ``data`` (weighted by batch size:
+    the Hessian of the mean loss over the samples).
 
-    ``max_batches`` limits the batches used (they are held for the whole computation, so that every
-    product sees the same data). Parameters and ``.grad`` are left as they were.
+    * ``method="lanczos"`` (default): Lanczos from a seeded random vector, with full
+      re-orthogonalisation, stopped when the ``k`` largest Ritz values change by less than
+      ``tol * |value|`` in one iteration, after ``max_iter`` products, or when the Krylov space is
+      invariant (then they are exact). Gives the ``k`` *largest* eigenvalues; keeps one vector per
+      iteration (``max_iter`` parameter-sized vectors at most).
+    * ``method="power"``: power iteration with deflation, as PyHessian (Yao et al. 2020) does: for
+      ``i = 1..k``, ``v <- P H v / ||P H v||`` (``P`` projects out the eigenvectors found so far)
+      until the Rayleigh quotient changes by less than ``tol * |lambda|`` or ``max_iter`` products
+      per eigenvalue. Finds the eigenvalues of largest *magnitude* (the largest ones at a minimum);
+      keeps ``k`` vectors.
 
-    Returns a list of ``k`` floats (largest first), or ``(eigenvalues, eigenvectors)`` with
-    ``return_vectors=True`` (each eigenvector a list of tensors shaped like the parameters).
+    ``max_batches`` limits the batches used (held for the whole computation, so that every product
+    sees the same data). Parameters, buffers and ``.grad`` are left as they were.
+
+    Returns a list of ``k`` floats, largest first, or ``(eigenvalues, eigenvectors)`` with
+    ``return_vectors=True`` (each eigenvector a unit-norm list of tensors shaped like the parameters).
     """
     _check_positive_int("k", k)
     _check_positive_int("max_iter", max_iter)
     _check_nonneg("tol", tol)
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     params = _params(model)
     dim = sum(p.numel() for p in params)
     if k > dim:
         raise ValueError(f"k={k} exceeds the number of parameters ({dim})")
+    if method == "lanczos" and max_iter < k:
+        raise ValueError(f"Lanczos needs max_iter >= k (got max_iter={max_iter}, k={k})")
     batches = _cached(data, params[0].device, max_batches)
     gen = torch.Generator().manual_seed(int(seed))
-    eigenvalues, eigenvectors = [], []
-    with _measuring(model, params, train_mode), _progress(k * max_iter, "hessian eigenvalues", progress) as bar:
-        for _ in range(k):
-            v = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p) for p in params]
-            _orthogonalize_(v, eigenvectors)
-            _normalize_(v)
-            lam = None
-            for it in range(max_iter):
-                hv = _hvp(model, loss_fn, params, batches, v)
-                _orthogonalize_(hv, eigenvectors)
-                new = float(_dot(v, hv))
-                _tick(bar)
-                hv_norm = math.sqrt(max(float(_dot(hv, hv)), 0.0))
-                if hv_norm == 0.0:  # H v = 0 on the remaining space: the eigenvalue is 0
-                    lam = 0.0
-                    break
-                torch._foreach_div_(hv, hv_norm)
-                v = hv
-                converged = lam is not None and abs(new - lam) <= tol * max(abs(new), 1e-30)
-                lam = new
-                if converged:
-                    break
-            if bar is not None:
-                bar.update(max_iter - 1 - it)
-            # The Rayleigh quotient at the final vector (one more product: exact for the returned v).
-            hv = _hvp(model, loss_fn, params, batches, v)
-            _orthogonalize_(hv, eigenvectors)
-            lam = float(_dot(v, hv))
-            eigenvalues.append(lam)
-            eigenvectors.append([t.detach().clone() for t in v])
+    total = max_iter if method == "lanczos" else k * max_iter
+    with _measuring(model, params, train_mode), _progress(total, "hessian eigenvalues", progress) as bar:
+        def hvp(v):
+            _tick(bar)
+            return _hvp(model, loss_fn, params, batches, v)
+
+        def random_vector():
+            return [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p) for p in params]
+
+        if method == "lanczos":
+            eigenvalues, eigenvectors = _lanczos(hvp, random_vector, k, min(max_iter, dim), tol)
+        else:
+            eigenvalues, eigenvectors = _power(hvp, random_vector, k, max_iter, tol)
+        if bar is not None:
+            bar.update(max(0, total - bar.n))
     if return_vectors:
         return eigenvalues, eigenvectors
     return eigenvalues
+
+
+def _lanczos(hvp, random_vector, k, max_iter, tol):
+    basis = []  # orthonormal Lanczos vectors q_0, q_1, ...
+    alphas, betas = [], []  # T's diagonal and off-diagonal
+    q = random_vector()
+    _normalize_(q)
+    previous = None
+    for j in range(max_iter):
+        basis.append(q)
+        w = hvp(q)
+        alphas.append(float(_dot(w, q)))
+        _orthogonalize_(w, basis)  # full re-orthogonalisation (twice: classical Gram-Schmidt drifts)
+        _orthogonalize_(w, basis)
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        ritz = torch.linalg.eigvalsh(t).flip(0)
+        top = ritz[:k].tolist()
+        beta = math.sqrt(max(float(_dot(w, w)), 0.0))
+        scale = max(abs(a) for a in alphas) or 1.0
+        invariant = beta <= 1e-10 * scale
+        converged = (previous is not None and len(top) == k and len(previous) == k
+                     and all(abs(a - b) <= tol * max(abs(a), 1e-30) for a, b in zip(top, previous)))
+        if (converged or invariant) and len(top) >= k:
+            break
+        previous = top
+        if j == max_iter - 1:
+            break
+        if invariant:  # an invariant subspace smaller than k: continue from a fresh orthogonal direction
+            w = random_vector()
+            _orthogonalize_(w, basis)
+            _orthogonalize_(w, basis)
+            beta_norm = math.sqrt(float(_dot(w, w)))
+            betas.append(0.0)
+            torch._foreach_div_(w, beta_norm)
+            q = w
+            continue
+        betas.append(beta)
+        torch._foreach_div_(w, beta)
+        q = w
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas[:len(alphas) - 1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    vals, vecs = torch.linalg.eigh(t)
+    order = torch.argsort(vals, descending=True)[:k]
+    eigenvalues = [float(vals[i]) for i in order]
+    eigenvectors = []
+    for i in order:
+        v = [torch.zeros_like(b) for b in basis[0]]
+        for c, qj in zip(vecs[:, i].tolist(), basis):
+            torch._foreach_add_(v, qj, alpha=c)
+        eigenvectors.append(v)
+    return eigenvalues, eigenvectors
+
+
+def _power(hvp, random_vector, k, max_iter, tol):
+    eigenvalues, eigenvectors = [], []
+    for _ in range(k):
+        v = random_vector()
+        _orthogonalize_(v, eigenvectors)
+        _normalize_(v)
+        lam = None
+        for _ in range(max_iter):
+            hv = hvp(v)
+            _orthogonalize_(hv, eigenvectors)
+            new = float(_dot(v, hv))
+            hv_norm = math.sqrt(max(float(_dot(hv, hv)), 0.0))
+            if hv_norm == 0.0:  # H v = 0 on the remaining space: the eigenvalue is 0
+                lam = 0.0
+                break
+            torch._foreach_div_(hv, hv_norm)
+            v = hv
+            converged = lam is not None and abs(new - lam) <= tol * max(abs(new), 1e-30)
+            lam = new
+            if converged:
+                break
+        # The Rayleigh quotient at the returned vector (one more product).
+        hv = hvp(v)
+        _orthogonalize_(hv, eigenvectors)
+        eigenvalues.append(float(_dot(v, hv)))
+        eigenvectors.append([t.detach().clone() for t in v])
+    order = sorted(range(k), key=lambda i: -eigenvalues[i])
+    return [eigenvalues[i] for i in order], [eigenvectors[i] for i in order]
 
 
 def hessian_trace(model, loss_fn, data, *, max_iter: int = 100, tol: float = 1e-3, seed: int = 0,
