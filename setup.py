@@ -195,6 +195,7 @@ setup(
         "fastsam.optim",
         "fastsam.utils",
         "fastsam.sharpness",
+        "fastsam.integrations",
         "fastsam.kernels",
         "fastsam.bench",
     ],

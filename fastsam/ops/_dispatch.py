@@ -103,7 +103,7 @@ def backend_status(backend: str) -> tuple[bool, str]:
             importlib.import_module("fastsam.kernels")
         except Exception as exc:  # ImportError, or a broken install
             status = (False, f"triton is not importable ({exc.__class__.__name__}: {exc}); "
-                             "install it with `pip install triton`")
+                             "install it with `pip install 'fastsam[triton]'`")
         else:
             if torch.cuda.is_available() or triton_interpreter_enabled():
                 status = (True, "")
