@@ -9,6 +9,7 @@ from . import ops
 from .optim import ASAM, SAM, FisherSAM
 from .optim import ESAM, MSAM
 from . import distributed
+from . import sharpness
 from .optim import GSAM, LookSAM, RhoScheduler
 from .optim import MomentumSAM, MomentumSAMAdamW
 from .optim import AESAM, RandomSwitchSAM
@@ -17,7 +18,7 @@ from .version import __version__
 
 __all__ = [
     "SAM", "ASAM", "FisherSAM",
-    "ESAM", "MSAM", "distributed",
+    "ESAM", "MSAM", "distributed", "sharpness",
     "GSAM", "LookSAM", "RhoScheduler",
     "MomentumSAM", "MomentumSAMAdamW",
     "AESAM", "RandomSwitchSAM",
