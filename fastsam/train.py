@@ -364,7 +364,7 @@ def _save(r: _Run, args) -> None:
     from fastsam.sharpness.cli import save_model
 
     os.makedirs(args.save, exist_ok=True)
-    eval_weights = getattr(r.opt, "evaluation_weights", None)
+    eval_weights = getattr(r.opt, "unperturbed", None)  # Momentum-SAM: w, not the ascent point
     with eval_weights() if eval_weights is not None else contextlib.nullcontext():
         save_model(os.path.join(args.save, f"{r.name}-seed{r.seed}.pt"), optimizer=r.name, seed=r.seed,
                    noise=args.noise, model=r.model, test_accuracy=r.acc, epochs=args.epochs)

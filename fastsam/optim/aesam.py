@@ -111,9 +111,9 @@ class AESAM(SAM):
         self._decision = (t, decision, before)
         return decision
 
-    def second_step(self, zero_grad: bool = False) -> None:
+    def second_step(self, zero_grad: bool = False, **kwargs) -> None:
         t = self._step_state.step_count
-        super().second_step(zero_grad)
+        super().second_step(zero_grad, **kwargs)
         if self._decision is not None and self._decision[0] == t and self._decision[1]:
             self._sam_steps += 1
 
