@@ -97,8 +97,8 @@ cudaError_t restore_adamw_step(DType dtype, void* const* rows, void* const* step
 cudaError_t sds_select(DType dtype, const void* before, const void* after, int32_t batch, int32_t k, int64_t* out,
                        cudaStream_t stream);
 
-// sds_weights: out = softmax(s / temperature) over the batch, NaN sharpness mapped to -inf.
-cudaError_t sds_weights(DType dtype, const void* before, const void* after, int32_t batch, float temperature,
+// sds_weights: out = softmax(s / temperature) over the batch, NaN sharpness mapped to -inf; batch >= 1.
+cudaError_t sds_weights(DType dtype, const void* before, const void* after, int64_t batch, float temperature,
                         float* out, cudaStream_t stream);
 
 }  // namespace cuda

@@ -58,7 +58,7 @@ class Emulation:
                                                        c_double, c_float, c_float, c_int, c_int, c_int, c_void_p,
                                                        c_void_p]
         lib.fastsam_emu_sds_select.argtypes = [c_int, c_void_p, c_void_p, c_int, c_int, c_void_p]
-        lib.fastsam_emu_sds_weights.argtypes = [c_int, c_void_p, c_void_p, c_int, c_float, c_void_p]
+        lib.fastsam_emu_sds_weights.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_float, c_void_p]
 
     # ---------------------------------------------------------------- planning and Philox
 
@@ -150,6 +150,8 @@ class Emulation:
     def sds_weights(self, loss_before, loss_after, temperature):
         before, after = self._losses(loss_before, loss_after)
         out = torch.empty(before.numel(), dtype=torch.float32)
+        if before.numel() == 0:  # as the binding: no launch for an empty batch
+            return out
         _check(self.lib.fastsam_emu_sds_weights(DTYPE_CODES[before.dtype], _ptr(before), _ptr(after), before.numel(),
                                                 temperature, _ptr(out)), "sds_weights")
         return out

@@ -194,3 +194,10 @@ def _opcheck_cases():
 def test_opcheck(fake_extension, name):
     """Schema mutation annotations, fake impls and AOT dispatch, as torch.library.opcheck sees them."""
     torch.library.opcheck(_cuda_common.op(name), _opcheck_cases()[name])
+
+
+def test_sds_weights_of_an_empty_batch(fake_extension):
+    """An empty batch gets an empty weight vector (no launch, no error), as from torch.softmax."""
+    empty = torch.empty(0)
+    w = sds_weights_cuda(empty, empty, 0.5)
+    assert w.shape == (0,) and w.dtype == torch.float32
