@@ -225,24 +225,28 @@ def copy_back(write_back) -> None:
         original.copy_(temporary)
 
 
-def table(lists: list[list[torch.Tensor]], block: int, address_only: tuple[int, ...] = ()) -> Table:
+def table(lists: list[list[torch.Tensor]], block: int, address_only: tuple[int, ...] = (),
+          split: bool = True) -> Table:
     """The (cached) device table for parallel, kernel-ready ``lists``; sizes come from ``lists[0]``.
 
     Lists in ``address_only`` hold one-element tensors that are not walked element-wise (AdamW's step
-    counters): only their addresses are used, and their alignment does not matter.
+    counters): only their addresses are used, and their alignment does not matter. ``split=False``
+    keeps every tensor in one part (aligned only if all are), for kernels whose output is indexed
+    by the tensor's position in the table (per_tensor_norm's segment sums).
     """
     first = lists[0]
     device = first[0].device
     addresses = tuple(tuple(map(torch.Tensor.data_ptr, lst)) for lst in lists)
     numels = tuple(map(torch.Tensor.numel, first))
-    key = (device, block, addresses, numels)
+    key = (device, block, addresses, numels, split)
     with _on_device(device):
         stream, capturing = stream_state(device)
         hit = _pinned.get(key)
         if hit is None:
             hit = _tables.get(key)
             if hit is None:
-                hit = _remember(key, _build(addresses, numels, block, address_only, device, capturing), capturing)
+                hit = _remember(key, _build(addresses, numels, block, address_only, split, device, capturing),
+                                capturing)
             elif capturing:  # a graph captured now keeps this address: never evict the table from now on
                 _pinned[key] = _tables.pop(key)
             else:
@@ -259,10 +263,12 @@ def stream_state(device: torch.device):
     return torch.cuda.current_stream(device), torch.cuda.is_current_stream_capturing()
 
 
-def _build(addresses, numels, block, address_only, device, capturing=False) -> Table:
+def _build(addresses, numels, block, address_only, split, device, capturing=False) -> Table:
     n = len(numels)
     walked = [row for li, row in enumerate(addresses) if li not in address_only]
     aligned = [all(row[i] % ALIGNMENT == 0 for row in walked) for i in range(n)]
+    if not split:
+        aligned = [all(aligned)] * n
     elem_start, e = [], 0
     for m in numels:
         elem_start.append(e)
