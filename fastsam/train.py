@@ -111,6 +111,8 @@ register("looksam", lambda p, s: _fastsam().LookSAM(p, torch.optim.SGD, rho=0.05
                                                     **s.sgd), summary="LookSAM rho=0.05 k=5 alpha=0.7")
 register("intervalsam", lambda p, s: _fastsam().SAM(p, torch.optim.SGD, rho=0.05, every=5, backend=s.backend,
                                                     **s.sgd), summary="SAM rho=0.05 every 5th step")
+register("momentumsam", lambda p, s: _fastsam().MomentumSAM(p, rho=0.3, backend=s.backend, **s.sgd), "plain",
+         summary="Momentum-SAM rho=0.3 (authors' default)")
 
 
 def load_digits_tensors(noise: float, seed: int, device: torch.device):
@@ -253,7 +255,7 @@ class _Run:
         self.sched.step()
         self.epoch_times.append(time.perf_counter() - t0)
         self.images = images
-        eval_weights = getattr(opt, "evaluation_weights", None)  # e.g. Momentum-SAM's unperturbed weights
+        eval_weights = getattr(opt, "unperturbed", None)  # Momentum-SAM keeps w - s v between steps
         if eval_weights is not None:
             with eval_weights():
                 self.acc = accuracy(model, x_test, y_test)
