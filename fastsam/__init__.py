@@ -9,6 +9,7 @@ from . import ops
 from .optim import ASAM, SAM, FisherSAM
 from .optim import ESAM, MSAM
 from . import distributed
+from . import sharpness
 from .optim import GSAM, LookSAM, RhoScheduler
 from .optim import MomentumSAM, MomentumSAMAdamW
 from .utils import disable_running_stats, enable_running_stats, frozen_running_stats
@@ -16,7 +17,7 @@ from .version import __version__
 
 __all__ = [
     "SAM", "ASAM", "FisherSAM",
-    "ESAM", "MSAM", "distributed",
+    "ESAM", "MSAM", "distributed", "sharpness",
     "GSAM", "LookSAM", "RhoScheduler",
     "MomentumSAM", "MomentumSAMAdamW",
     "ops", "frozen_running_stats", "disable_running_stats", "enable_running_stats",

@@ -290,6 +290,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--backend", default="auto", help="fastsam backend: auto, torch, triton or cuda")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="keep each trained model in DIR (one file per optimizer and seed) for fastsam sharpness DIR")
     return p
 
 
@@ -333,6 +335,8 @@ def run(args) -> list[Summary]:
                     progress.update(1)
             for r in seed_runs:
                 runs[r.name].append(r.result())
+                if args.save:
+                    _save(r, args)
     elapsed = time.perf_counter() - t_start
     summaries = [Summary(n, runs[n]) for n in names]
     base = next((s.images_per_second for s in summaries if s.optimizer == "sgd"), None)
@@ -344,6 +348,20 @@ def run(args) -> list[Summary]:
     print(f"total {elapsed:.0f} s ({elapsed / 60:.1f} min); images/s from the median training time per epoch over "
           f"every epoch and seed; 'vs sgd' is the throughput ratio (higher is faster)")
     return summaries
+
+
+def _save(r: _Run, args) -> None:
+    """``--save DIR``: the trained model (its evaluation weights, where the optimizer has them) and its settings."""
+    import contextlib
+    import os
+
+    from fastsam.sharpness.cli import save_model
+
+    os.makedirs(args.save, exist_ok=True)
+    eval_weights = getattr(r.opt, "evaluation_weights", None)
+    with eval_weights() if eval_weights is not None else contextlib.nullcontext():
+        save_model(os.path.join(args.save, f"{r.name}-seed{r.seed}.pt"), optimizer=r.name, seed=r.seed,
+                   noise=args.noise, model=r.model, test_accuracy=r.acc, epochs=args.epochs)
 
 
 def main(argv=None) -> int:
