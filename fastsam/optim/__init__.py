@@ -5,6 +5,7 @@ from .asam import ASAM
 from .esam import ESAM
 from .fisher_sam import FisherSAM
 from .gsam import GSAM
+from .ksam import KSAM
 from .looksam import LookSAM
 from .momentum_sam import MomentumSAM, MomentumSAMAdamW
 from .msam import MSAM
@@ -13,4 +14,4 @@ from .rst import RandomSwitchSAM
 from .sam import SAM
 
 __all__ = ["SAM", "ASAM", "FisherSAM", "ESAM", "MSAM", "GSAM", "LookSAM", "RhoScheduler"]
-__all__ += ["MomentumSAM", "MomentumSAMAdamW", "AESAM", "RandomSwitchSAM"]
+__all__ += ["MomentumSAM", "MomentumSAMAdamW", "AESAM", "RandomSwitchSAM", "KSAM"]
