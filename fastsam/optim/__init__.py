@@ -1,12 +1,14 @@
 """fastsam's optimizer layer: composes the ops, knows nothing about backends."""
 
 from .asam import ASAM
+from .awp import AWP
 from .esam import ESAM
 from .fisher_sam import FisherSAM
 from .gsam import GSAM
+from .hero import HERO
 from .looksam import LookSAM
 from .msam import MSAM
 from .rho_scheduler import RhoScheduler
 from .sam import SAM
 
-__all__ = ["SAM", "ASAM", "FisherSAM", "ESAM", "MSAM", "GSAM", "LookSAM", "RhoScheduler"]
+__all__ = ["SAM", "ASAM", "FisherSAM", "ESAM", "MSAM", "GSAM", "LookSAM", "RhoScheduler", "AWP", "HERO"]
