@@ -2,6 +2,7 @@
 
 from .asam import ASAM
 from .awp import AWP
+from .delta_sam import DeltaSAM
 from .esam import ESAM
 from .fisher_sam import FisherSAM
 from .gsam import GSAM
@@ -11,4 +12,4 @@ from .msam import MSAM
 from .rho_scheduler import RhoScheduler
 from .sam import SAM
 
-__all__ = ["SAM", "ASAM", "FisherSAM", "ESAM", "MSAM", "GSAM", "LookSAM", "RhoScheduler", "AWP", "HERO"]
+__all__ = ["SAM", "ASAM", "FisherSAM", "ESAM", "MSAM", "GSAM", "LookSAM", "RhoScheduler", "AWP", "HERO", "DeltaSAM"]

@@ -1,5 +1,5 @@
 """HERO: Hessian-Enhanced Robust Optimization (Yang, Yang, Gong & Chen, "HERO: Hessian-Enhanced Robust
-Optimization for Unifying and Improving Generalization and Quantization Performance", DAC 2022,
+Optimization for Unifying and Improving Generalization and Quantization Performance", 2022,
 arXiv:2111.11986).
 
 HERO trains for robustness against a bounded weight perturbation (which the paper links to both
