@@ -118,12 +118,12 @@ class _LayerwiseSAM(SAM):
 
     # ------------------------------------------------------------------ the two steps
 
-    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None, loss=None) -> None:
         """Layer-wise perturbation ``w_l += rho ||w_l|| g_l / ||g_l||``; keeps ``g(w)`` when the update mixes it."""
         mix = self._mix()
         if mix is not None:
             self._check_mix(mix)
-        super().first_step(zero_grad=False, grad_scaler=grad_scaler)
+        super().first_step(zero_grad=False, grad_scaler=grad_scaler, loss=loss)
         st = self._step_state
         if mix is not None and mix[1] != 0 and not st.cheap_pending:
             params = [p for p in self._param_list() if p.grad is not None]

@@ -120,16 +120,17 @@ class DeltaSAM(SAM):
             losses = per_sample_losses(with_grad(), batch, "DeltaSAM")
             (losses * weights.to(losses.dtype)).sum().backward()
         del losses
-        self.first_step(zero_grad=True)
+        self.first_step(zero_grad=True, loss=loss_before.mean())
 
         # 4. The update: the mean gradient at w + e, then restore and base step.
         try:
             with self._perturbed_pass_context():
-                per_sample_losses(with_grad(), batch, "DeltaSAM").mean().backward()
+                loss_perturbed = per_sample_losses(with_grad(), batch, "DeltaSAM").mean()
+                loss_perturbed.backward()
         except BaseException:
             self.restore()
             raise
-        self.second_step()
+        self.second_step(loss=loss_perturbed.detach())  # fills `sharpness`: L(w + e) - L(w)
         return loss_before.mean()
 
     _PICKLED = SAM._PICKLED + ("temperature", "model", "last_weights")
