@@ -39,7 +39,8 @@ A captured graph holds the addresses of the tables its kernels read, and replays
   a host-to-device copy node that every replay repeats, from a pinned host buffer. That buffer is
   kept alive with the pinned table and never written again, so each replay copies the same bytes
   (torch 2.13's pinned allocator also keeps host blocks used by a capture out of reuse; holding
-  the reference does not depend on it). The alternatives are worse: a pageable copy is a
+  the reference does not depend on it). The cost is one small copy node per such table in the
+  graph. The alternatives are worse: a pageable copy is a
   synchronous call, illegal while capturing, and building every table before capture cannot
   know the addresses the captured backward will allocate;
 * a table used from a stream other than the one that uploaded it makes that stream wait for the
@@ -54,7 +55,8 @@ tensors are split into an aligned part and an unaligned part, one table and one 
 launches at most, whatever the number of tensors), so one odd flat-parameter view does not drop the
 whole bucket to scalar accesses. Only lists walked element-wise count: AdamW's step-counter
 addresses are never loaded as elements. The bucket-wide element numbering (SWP counters) is kept
-across the parts.
+across the parts. Kernels that index a per-tensor input or output by the table's tensor index
+(per_tensor_norm's segment sums, perturb_per_tensor's scales) ask for one part (``split=False``).
 
 Tensors must be dense; tensors of one index must share their memory layout (all contiguous, or
 the same strides of a non-overlapping dense layout, such as channels_last), because the kernels
