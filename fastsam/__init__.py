@@ -14,6 +14,7 @@ from .optim import GSAM, LookSAM, RhoScheduler
 from .optim import MomentumSAM, MomentumSAMAdamW
 from .optim import AESAM, RandomSwitchSAM
 from .optim import KSAM, SAMPa
+from .optim import AWP, HERO, DeltaSAM
 from .utils import disable_running_stats, enable_running_stats, frozen_running_stats
 from .version import __version__
 
@@ -23,6 +24,7 @@ __all__ = [
     "GSAM", "LookSAM", "RhoScheduler",
     "MomentumSAM", "MomentumSAMAdamW",
     "AESAM", "RandomSwitchSAM", "KSAM", "SAMPa",
+    "AWP", "HERO", "DeltaSAM",
     "ops", "frozen_running_stats", "disable_running_stats", "enable_running_stats",
     "__version__",
 ]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastsam import _extension, _fatbin, ops
-from fastsam.ops import _cuda_common, _dispatch
+from fastsam.ops import _autotune, _cuda_common, _dispatch
 from nvcc_tools import find_nvcc
 
 SOURCE = """
@@ -83,6 +83,7 @@ def fake_sm90_with_sm80_extension(build, monkeypatch):
 
     monkeypatch.setattr(_extension, "_module", Module())
     monkeypatch.setattr(_cuda_common, "register_fakes", lambda: None)  # no real operators behind it
+    monkeypatch.setattr(_autotune, "ensure_measured_order", lambda device: None)  # no real GPU to measure
     monkeypatch.setattr(_extension, "_reason", None)
     monkeypatch.setattr(_extension, "generation", _extension.generation + 1000)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
