@@ -17,3 +17,4 @@ except ModuleNotFoundError as exc:
 # Importing the op modules registers their torch.library ops (``torch.ops.fastsam.*_triton*``).
 from . import (ema_direction, grad_mix, grad_norm, perturb, restore, restore_adamw_step,  # noqa: E402,F401
                restore_sgd_step, sds_select, sds_weights)
+from . import per_tensor_norm, perturb_per_tensor  # noqa: E402,F401  (layer-wise perturbation: AWP, HERO)
