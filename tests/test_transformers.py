@@ -127,20 +127,28 @@ def test_clipping_changes_the_result(tmp_path):
     assert moved(clipped, free) > 1e-4
 
 
-@pytest.mark.parametrize("accum", [1, ACCUM])
-def test_esam_gets_per_sample_losses_from_logits(tmp_path, accum):
+DRIVERS = [("ESAM", dict(rho=0.05, beta=0.6, gamma=0.5, seed=123), 1),
+           ("ESAM", dict(rho=0.05, beta=0.6, gamma=0.5, seed=123), ACCUM),
+           ("MSAM", dict(rho=0.05, micro_batches=2), ACCUM),
+           ("DeltaSAM", dict(rho=0.05), ACCUM),
+           ("KSAM", dict(rho=0.05), ACCUM)]
+
+
+@pytest.mark.parametrize("name, sam_kwargs, accum", [d for d in DRIVERS if hasattr(fastsam, d[0])],
+                         ids=[f"{d[0]}-accum{d[2]}" for d in DRIVERS if hasattr(fastsam, d[0])])
+def test_pass_driver_gets_per_sample_losses_from_logits(tmp_path, name, sam_kwargs, accum):
+    sam_class = getattr(fastsam, name)
     data = dataset()
     start = tiny_bert()
     model = copy.deepcopy(start)
-    esam_kwargs = dict(rho=0.05, beta=0.6, gamma=0.5, seed=123)
     steps = len(data) // (BATCH * accum)
-    trainer = trainer_for(model, data, tmp_path, sam_class=fastsam.ESAM, sam_kwargs=esam_kwargs,
+    trainer = trainer_for(model, data, tmp_path, sam_class=sam_class, sam_kwargs=sam_kwargs,
                           args=dict(gradient_accumulation_steps=accum, max_steps=steps))
     trainer.train()
 
     ref = copy.deepcopy(start)
     ref.train()
-    opt, sched = reference_optimizer(ref, fastsam.ESAM, steps, **esam_kwargs)
+    opt, sched = reference_optimizer(ref, sam_class, steps, **sam_kwargs)
     opt.register_base_step_pre_hook(lambda o: torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP))
     for step in range(steps):
         chunk = data[step * BATCH * accum:(step + 1) * BATCH * accum]
@@ -151,7 +159,10 @@ def test_esam_gets_per_sample_losses_from_logits(tmp_path, accum):
             logits = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             return F.cross_entropy(logits, b["labels"], reduction="none")
 
-        opt.step(closure)
+        if isinstance(opt, fastsam.MSAM):
+            opt.step(closure, batch_size=len(chunk))
+        else:
+            opt.step(closure)
         sched.step()
     assert moved(ref, start) > 1e-3
     assert_same_parameters(model, ref, atol=2e-6)

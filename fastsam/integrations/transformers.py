@@ -24,7 +24,7 @@ once per accumulation window):
   (restore + base step; under fp16 through ``GradScaler.step``, unscale and skip on the device).
   Steps that need no second pass (``needs_second_pass`` False: LookSAM between its SAM steps,
   interval SAM) run one pass, as the plain Trainer does.
-* **Pass-driving optimizers** (ESAM, MSAM, DeltaSAM: ``closure(indices=None) -> per-sample losses``):
+* **Pass-driving optimizers** (ESAM, MSAM, DeltaSAM, KSAM: ``closure(indices=None) -> per-sample losses``):
   the window's micro-batches are buffered and, on the last one, ``optimizer.step(closure)`` runs
   the whole step over the window as one batch. The closure gets per-sample losses from the model's
   logits (:meth:`SAMTrainerMixin.per_sample_losses`; override it for other heads); ``indices``
@@ -53,7 +53,7 @@ __all__ = ["SAMTrainer", "SAMTrainerMixin", "per_sample_losses_from_logits", "dr
 
 def drives_its_passes(optimizer) -> bool:
     """Whether a fastsam optimizer runs every pass itself from ``closure(indices=None) -> per-sample losses``."""
-    drivers = tuple(getattr(fastsam, name) for name in ("ESAM", "MSAM", "DeltaSAM") if hasattr(fastsam, name))
+    drivers = tuple(getattr(fastsam, name) for name in ("ESAM", "MSAM", "DeltaSAM", "KSAM") if hasattr(fastsam, name))
     return isinstance(optimizer, drivers)
 
 
@@ -179,8 +179,10 @@ class SAMTrainerMixin:
             self.optimizer = self.sam_class(base.param_groups, base, **self.sam_kwargs)
         opt = self.sam_optimizer
         if not isinstance(opt, fastsam.SAM):
-            raise TypeError(f"{type(self).__name__} needs a fastsam optimizer, got {type(opt).__name__}; pass "
-                            "sam_class=... or optimizers=(fastsam.SAM(...), None)")
+            raise TypeError(f"{type(self).__name__} needs a fastsam optimizer of the SAM family (a fastsam.SAM "
+                            f"subclass), got {type(opt).__name__}; pass sam_class=... or "
+                            "optimizers=(fastsam.SAM(...), None). (MomentumSAM and SAMPa have step contracts of "
+                            "their own and are not driven by this Trainer.)")
         if drives_its_passes(opt) and not isinstance(self.optimizer, _StepAlreadyTaken):
             if getattr(self, "is_deepspeed_enabled", False):
                 raise NotImplementedError(f"{type(opt).__name__} runs its own backward passes; DeepSpeed is not "
@@ -191,7 +193,7 @@ class SAMTrainerMixin:
     # ------------------------------------------------------------------ per-sample losses
 
     def per_sample_losses(self, model, inputs: dict) -> torch.Tensor:
-        """Per-sample losses of a batch for ESAM/MSAM/DeltaSAM: the model's logits through
+        """Per-sample losses of a batch for ESAM/MSAM/DeltaSAM/KSAM: the model's logits through
         :func:`per_sample_losses_from_logits` (labels popped from the inputs, so the model computes
         no loss of its own). Override for heads that are not covered."""
         inputs = dict(inputs)
@@ -282,7 +284,10 @@ class SAMTrainerMixin:
 
         handle = opt.register_base_step_pre_hook(lambda o: self._before_driven_base_step(o, model, scale))
         try:
-            loss = opt.step(closure)
+            if isinstance(opt, fastsam.MSAM):  # MSAM splits the batch into shards before its first closure call
+                loss = opt.step(closure, batch_size=sum(sizes))
+            else:
+                loss = opt.step(closure)
         finally:
             handle.remove()
             for name in ("grad_scale", "found_inf"):
