@@ -278,3 +278,20 @@ def test_sharpness_under_torch_compile_fullgraph():
         perturbed.backward()
         second(perturbed.detach())
         torch.testing.assert_close(opt.sharpness, perturbed.detach() - loss.detach())
+
+
+def test_grad_scaler_step_passes_the_perturbed_loss():
+    model = make_model()
+    opt = fastsam.SAM(model.parameters(), torch.optim.AdamW, rho=0.1, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = batch()
+    for _ in range(2):
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        opt.first_step(zero_grad=True, loss=loss)
+        perturbed = F.cross_entropy(model(x), y)
+        scaler.scale(perturbed).backward()
+        scaler.step(opt, perturbed_loss=perturbed)
+        scaler.update()
+        opt.zero_grad()
+        assert torch.equal(opt.sharpness, perturbed.detach() - loss.detach())
