@@ -113,6 +113,14 @@ register("intervalsam", lambda p, s: _fastsam().SAM(p, torch.optim.SGD, rho=0.05
                                                     **s.sgd), summary="SAM rho=0.05 every 5th step")
 register("momentumsam", lambda p, s: _fastsam().MomentumSAM(p, rho=0.3, backend=s.backend, **s.sgd), "plain",
          summary="Momentum-SAM rho=0.3 (authors' default)")
+register("aesam", lambda p, s: _fastsam().AESAM(p, torch.optim.SGD, rho=0.05, total_steps=s.epochs * s.steps_per_epoch,
+                                                backend=s.backend, **s.sgd),
+         summary="AE-SAM rho=0.05 delta=0.9 lambda -1 -> 1 (paper's CIFAR defaults)")
+register("rst", lambda p, s: _fastsam().RandomSwitchSAM(p, torch.optim.SGD, rho=0.05, probability=0.5, seed=s.seed,
+                                                        backend=s.backend, **s.sgd),
+         summary="RST rho=0.05, SAM with probability 0.5")
+register("ksam", lambda p, s: _fastsam().KSAM(p, torch.optim.SGD, rho=0.05, gamma=0.5, model=s.model, backend=s.backend,
+                                              **s.sgd), "closure", summary="K-SAM rho=0.05, top half of the batch")
 
 
 def load_digits_tensors(noise: float, seed: int, device: torch.device):
@@ -358,7 +366,7 @@ def _save(r: _Run, args) -> None:
     from fastsam.sharpness.cli import save_model
 
     os.makedirs(args.save, exist_ok=True)
-    eval_weights = getattr(r.opt, "evaluation_weights", None)
+    eval_weights = getattr(r.opt, "unperturbed", None)  # Momentum-SAM: w, not the ascent point
     with eval_weights() if eval_weights is not None else contextlib.nullcontext():
         save_model(os.path.join(args.save, f"{r.name}-seed{r.seed}.pt"), optimizer=r.name, seed=r.seed,
                    noise=args.noise, model=r.model, test_accuracy=r.acc, epochs=args.epochs)
