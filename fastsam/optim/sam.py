@@ -79,7 +79,9 @@ def _check_loss(name: str, loss):
         if loss.numel() != 1:
             raise ValueError(f"{name} must be the scalar loss (a one-element tensor, e.g. the batch mean), got a "
                              f"tensor of shape {tuple(loss.shape)}")
-        return loss.detach().reshape(())
+        if loss.requires_grad:
+            loss = loss.detach()
+        return loss if loss.dim() == 0 else loss.reshape(())  # no op at all for a detached 0-dim loss
     if isinstance(loss, bool) or not isinstance(loss, (int, float)):
         raise TypeError(f"{name} must be a scalar loss (a tensor or a number), got {type(loss).__name__}")
     return torch.tensor(float(loss))
