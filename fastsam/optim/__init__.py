@@ -3,10 +3,12 @@
 from .asam import ASAM
 from .esam import ESAM
 from .fisher_sam import FisherSAM
+from .friendly_sam import FriendlySAM
 from .gsam import GSAM
 from .looksam import LookSAM
 from .msam import MSAM
 from .rho_scheduler import RhoScheduler
 from .sam import SAM
+from .wsam import WSAM
 
-__all__ = ["SAM", "ASAM", "FisherSAM", "ESAM", "MSAM", "GSAM", "LookSAM", "RhoScheduler"]
+__all__ = ["SAM", "ASAM", "FisherSAM", "ESAM", "MSAM", "GSAM", "LookSAM", "RhoScheduler", "WSAM", "FriendlySAM"]
