@@ -10,7 +10,7 @@ from .optim import ASAM, SAM, FisherSAM
 from .optim import ESAM, MSAM
 from . import distributed
 from .optim import GSAM, LookSAM, RhoScheduler
-from .optim import WSAM, FriendlySAM
+from .optim import WSAM, FriendlySAM, BSAM
 from .utils import disable_running_stats, enable_running_stats, frozen_running_stats
 from .version import __version__
 
@@ -18,7 +18,7 @@ __all__ = [
     "SAM", "ASAM", "FisherSAM",
     "ESAM", "MSAM", "distributed",
     "GSAM", "LookSAM", "RhoScheduler",
-    "WSAM", "FriendlySAM",
+    "WSAM", "FriendlySAM", "BSAM",
     "ops", "frozen_running_stats", "disable_running_stats", "enable_running_stats",
     "__version__",
 ]

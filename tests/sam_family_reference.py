@@ -137,3 +137,43 @@ def assert_models_close(a, b, rtol=1e-4, atol=1e-5):
 def assert_models_equal(a, b):
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
+
+
+def reference_bsam(model, data, generator_state, num_data, lr, betas, weight_decay, rho, damping, s_init=1.0):
+    """bSAM as the authors' JAX code (team-approx-bayes/bayesian-sam optim.py, msharpness = 1) does it, fp64.
+
+    The noise is the same draw fastsam makes: one flat fp32 randn over all parameters per step,
+    from a generator in ``generator_state``.
+    """
+    model = copy.deepcopy(model).double()
+    params = list(model.parameters())
+    gen = torch.Generator()
+    gen.set_state(generator_state)
+    beta1, beta2 = betas
+    m = [torch.zeros_like(p) for p in params]
+    s = [torch.full_like(p, s_init) for p in params]
+    losses = []
+    for x, y in data:
+        x = x.double()
+        w = [p.detach().clone() for p in params]
+        noise = torch.randn(sum(p.numel() for p in params), generator=gen, dtype=torch.float32).double()
+        noise = [n.view(p.shape) for n, p in zip(noise.split([p.numel() for p in params]), params)]
+        with torch.no_grad():
+            for p, wi, ni, si in zip(params, w, noise, s):
+                p.copy_(wi + torch.sqrt(1.0 / (num_data * si)) * ni)
+        g = _grads(model, x, y)
+        with torch.no_grad():
+            for p, wi, gi, si in zip(params, w, g, s):
+                p.copy_(wi + rho * gi / si)
+        model.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        losses.append(loss.item())
+        gp = [p.grad.detach().clone() for p in params]
+        with torch.no_grad():
+            gs = [torch.sqrt(si * gi ** 2) for si, gi in zip(s, g)]
+            m = [beta1 * mi + (1 - beta1) * (gpi + weight_decay * wi) for mi, gpi, wi in zip(m, gp, w)]
+            for p, wi, mi, si in zip(params, w, m, s):
+                p.copy_(wi - lr * mi / si)
+            s = [beta2 * si + (1 - beta2) * (gsi + damping + weight_decay) for si, gsi in zip(s, gs)]
+    return model, losses
