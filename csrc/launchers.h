@@ -113,9 +113,24 @@ cudaError_t ema_direction(DType dtype, void* const* rows, const int64_t* numels,
 cudaError_t sds_select(DType dtype, const void* before, const void* after, int32_t batch, int32_t k, int64_t* out,
                        cudaStream_t stream);
 
-// sds_weights: out = softmax(s / temperature) over the batch, NaN sharpness mapped to -inf.
-cudaError_t sds_weights(DType dtype, const void* before, const void* after, int32_t batch, float temperature,
+// sds_weights: out = softmax(s / temperature) over the batch, NaN sharpness mapped to -inf; batch >= 1.
+cudaError_t sds_weights(DType dtype, const void* before, const void* after, int64_t batch, float temperature,
                         float* out, cudaStream_t stream);
+
+// ---- layer-wise perturbation (AWP / WT-AWP / HERO) ----------------------------------------------
+
+// Number of per-block partial sums per_tensor_sq_norms writes: the size of its `partials` buffer.
+int64_t per_tensor_norm_partials_count(const int64_t* numels, int n);
+
+// per_tensor_norm: rows [tensors], every tensor non-empty; out[t] = sum of tensor t's squares (fp32).
+// Deterministic: per-block partials, then one block per tensor adds its partials in a fixed order.
+cudaError_t per_tensor_sq_norms(DType dtype, void* const* rows, const int64_t* numels, int n, float* partials,
+                                float* out, cudaStream_t stream);
+
+// perturb_per_tensor: rows [params, grads, backups], every tensor non-empty; backup = w and, unless
+// scales[t] is non-finite, w += scales[t] * g (scales: fp32 device vector, one entry per tensor).
+cudaError_t perturb_per_tensor(DType dtype, void* const* rows, const int64_t* numels, int n, const float* scales,
+                               cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastsam

@@ -111,6 +111,14 @@ register("looksam", lambda p, s: _fastsam().LookSAM(p, torch.optim.SGD, rho=0.05
                                                     **s.sgd), summary="LookSAM rho=0.05 k=5 alpha=0.7")
 register("intervalsam", lambda p, s: _fastsam().SAM(p, torch.optim.SGD, rho=0.05, every=5, backend=s.backend,
                                                     **s.sgd), summary="SAM rho=0.05 every 5th step")
+register("momentumsam", lambda p, s: _fastsam().MomentumSAM(p, rho=0.3, backend=s.backend, **s.sgd), "plain",
+         summary="Momentum-SAM rho=0.3 (authors' default)")
+register("aesam", lambda p, s: _fastsam().AESAM(p, torch.optim.SGD, rho=0.05, total_steps=s.epochs * s.steps_per_epoch,
+                                                backend=s.backend, **s.sgd),
+         summary="AE-SAM rho=0.05 delta=0.9 lambda -1 -> 1 (paper's CIFAR defaults)")
+register("rst", lambda p, s: _fastsam().RandomSwitchSAM(p, torch.optim.SGD, rho=0.05, probability=0.5, seed=s.seed,
+                                                        backend=s.backend, **s.sgd),
+         summary="RST rho=0.05, SAM with probability 0.5")
 
 
 def load_digits_tensors(noise: float, seed: int, device: torch.device):
@@ -253,7 +261,7 @@ class _Run:
         self.sched.step()
         self.epoch_times.append(time.perf_counter() - t0)
         self.images = images
-        eval_weights = getattr(opt, "evaluation_weights", None)  # e.g. Momentum-SAM's unperturbed weights
+        eval_weights = getattr(opt, "unperturbed", None)  # Momentum-SAM keeps w - s v between steps
         if eval_weights is not None:
             with eval_weights():
                 self.acc = accuracy(model, x_test, y_test)
@@ -288,6 +296,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--backend", default="auto", help="fastsam backend: auto, torch, triton or cuda")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="keep each trained model in DIR (one file per optimizer and seed) for fastsam sharpness DIR")
     return p
 
 
@@ -331,6 +341,8 @@ def run(args) -> list[Summary]:
                     progress.update(1)
             for r in seed_runs:
                 runs[r.name].append(r.result())
+                if args.save:
+                    _save(r, args)
     elapsed = time.perf_counter() - t_start
     summaries = [Summary(n, runs[n]) for n in names]
     base = next((s.images_per_second for s in summaries if s.optimizer == "sgd"), None)
@@ -342,6 +354,20 @@ def run(args) -> list[Summary]:
     print(f"total {elapsed:.0f} s ({elapsed / 60:.1f} min); images/s from the median training time per epoch over "
           f"every epoch and seed; 'vs sgd' is the throughput ratio (higher is faster)")
     return summaries
+
+
+def _save(r: _Run, args) -> None:
+    """``--save DIR``: the trained model (its evaluation weights, where the optimizer has them) and its settings."""
+    import contextlib
+    import os
+
+    from fastsam.sharpness.cli import save_model
+
+    os.makedirs(args.save, exist_ok=True)
+    eval_weights = getattr(r.opt, "unperturbed", None)  # Momentum-SAM: w, not the ascent point
+    with eval_weights() if eval_weights is not None else contextlib.nullcontext():
+        save_model(os.path.join(args.save, f"{r.name}-seed{r.seed}.pt"), optimizer=r.name, seed=r.seed,
+                   noise=args.noise, model=r.model, test_accuracy=r.acc, epochs=args.epochs)
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
+from ._multi_tensor import block_size, copy_back, dense_lists, launch_table, table, tl_dtype
 
 
 @triton.jit
@@ -56,8 +56,8 @@ def ema_direction_(grads, momenta, sigma: float, lmbda: float, skip: torch.Tenso
         block = block_size(device)
         tab = table([gs, ms], block)
         skip_arg = tab.meta if skip is None else skip.to(device=device, dtype=torch.float32).reshape(())
-        launch(ema_direction_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, float(sigma), float(lmbda), skip_arg,
-               DTYPE=tl_dtype(gs[0].dtype), HAS_SKIP=skip is not None, ALIGN=alignment(tab), BLOCK=block)
+        launch_table(ema_direction_kernel, tab, float(sigma), float(lmbda), skip_arg,
+                     DTYPE=tl_dtype(gs[0].dtype), HAS_SKIP=skip is not None, BLOCK=block)
     copy_back(write_back)
 
 

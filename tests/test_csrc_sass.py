@@ -68,6 +68,7 @@ def test_restore_loads_only_the_backups(tools):
 # backup, writes the weight) and the non-finite-norm backup of perturb (reads w, writes the backup).
 CASES = [
     ("perturb", "PerturbBody", None, 2 + 1, 2 + 1, 1),          # reads w, g (not the backup); the norm
+    ("perturb_per_tensor", "PerturbPerTensorBody", None, 2 + 1, 2 + 1, 1),  # reads w, g; its tensor's scale
     ("restore_sgd_step", "SgdBody", "Lb0", 2 + 1, 1 + 1, 3),    # reads g, backup (not w); found_inf, lr, scale
     ("restore_sgd_step", "SgdBody", "Lb1", 3 + 1, 2 + 1, 3),    # + the momentum buffer, read and written
     ("restore_adamw_step", "AdamWBody", "Lb0", 4 + 1, 3 + 1, 5),  # g, backup, m, v; + the step (fp32|fp64 load)

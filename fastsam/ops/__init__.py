@@ -19,6 +19,11 @@ Ops (each in its own file, same name as its kernel in ``kernels/`` and ``csrc/``
 ``bsam_ascent_``           bSAM's ascent ``w = backup + rho g / s`` and ``h = sqrt(s) |g|``
 ``bsam_step_``             bSAM's restore + momentum, weight and precision update
 ``ema_direction_``         FriendlySAM's ``d = g - sigma m`` with the EMA ``m <- lmbda m + (1-lmbda) g``
+``per_tensor_norm``        ``[||x_0||, ..., ||x_{T-1}||]``: every tensor's own L2 norm (AWP, HERO)
+``perturb_per_tensor_``    ``backup = w; w += s_t * g`` with one device scale per tensor (layer-wise)
+``momentum_sam_sgd_``      Momentum-SAM: back from the ascent point, SGD step, ``||v||^2`` (fused)
+``momentum_sam_adamw_``    the same with the AdamW step
+``momentum_sam_shift_``    ``w += scale * v`` (optionally backing ``w`` up): the ascent move
 =========================  ====================================================================
 
 Every op accepts lists of tensors, splits them into (device, dtype) buckets and runs a constant
@@ -49,7 +54,10 @@ from .grad_mix import grad_mix_
 from .grad_norm import MODES, grad_norm, grad_sq_norm
 from .gsam_combine import gsam_combine_
 from .looksam_combine import looksam_combine_, looksam_orthogonal_
+from .per_tensor_norm import per_tensor_norm, per_tensor_sq_norms
+from .momentum_sam import momentum_sam_adamw_, momentum_sam_sgd_, momentum_sam_shift_
 from .perturb import perturb_
+from .perturb_per_tensor import perturb_per_tensor_
 from .restore import restore_
 from .restore_adamw_step import restore_adamw_step_
 from .restore_sgd_step import restore_sgd_step_
@@ -60,6 +68,9 @@ __all__ = [
     "implementations", "register", "resolve", "set_auto_order", "supports", "autotune",
     "grad_norm", "grad_sq_norm", "perturb_", "restore_", "restore_sgd_step_", "restore_adamw_step_",
     "sds_k", "sds_select", "sds_weights",
-    "grad_dot", "gsam_combine_", "grad_mix_", "ema_direction_",
-    "bsam_noise_", "bsam_ascent_", "bsam_step_", "looksam_orthogonal_", "looksam_combine_",
+    "grad_dot", "gsam_combine_", "grad_mix_", "ema_direction_", "looksam_orthogonal_", "looksam_combine_",
+    # layer-wise perturbation (AWP, WT-AWP, HERO)
+    "per_tensor_norm", "per_tensor_sq_norms", "perturb_per_tensor_",
+    "momentum_sam_sgd_", "momentum_sam_adamw_", "momentum_sam_shift_",
+    "bsam_noise_", "bsam_ascent_", "bsam_step_",
 ]

@@ -1,5 +1,6 @@
 """fastsam's optimizer layer: composes the ops, knows nothing about backends."""
 
+from .aesam import AESAM
 from .asam import ASAM
 from .bsam import BSAM
 from .esam import ESAM
@@ -7,9 +8,13 @@ from .fisher_sam import FisherSAM
 from .friendly_sam import FriendlySAM
 from .gsam import GSAM
 from .looksam import LookSAM
+from .momentum_sam import MomentumSAM, MomentumSAMAdamW
 from .msam import MSAM
 from .rho_scheduler import RhoScheduler
+from .rst import RandomSwitchSAM
 from .sam import SAM
 from .wsam import WSAM
 
-__all__ = ["SAM", "ASAM", "FisherSAM", "ESAM", "MSAM", "GSAM", "LookSAM", "RhoScheduler", "WSAM", "FriendlySAM", "BSAM"]
+__all__ = ["SAM", "ASAM", "FisherSAM", "ESAM", "MSAM", "GSAM", "LookSAM", "RhoScheduler"]
+__all__ += ["MomentumSAM", "MomentumSAMAdamW", "AESAM", "RandomSwitchSAM"]
+__all__ += ["WSAM", "FriendlySAM", "BSAM"]
