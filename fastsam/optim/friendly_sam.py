@@ -63,7 +63,7 @@ class FriendlySAM(SAM):
         """``{parameter: EMA of its first-pass gradients}`` (absent before its first gradient)."""
         return self._step_state.variant.setdefault("momentum", {})
 
-    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None, loss=None) -> None:
         """Turn ``.grad`` into ``d = g - sigma m`` (updating ``m``), then SAM's ``first_step`` along ``d``."""
         check_ema_args(self.sigma, self.lmbda)
         if self.needs_second_pass and self._perturbed is None:
@@ -82,7 +82,7 @@ class FriendlySAM(SAM):
                     self._unscale_first_pass(self._perturbation_buckets(), grad_scaler)
                     grad_scaler = None
                 self._update_direction(params, buckets)
-        super().first_step(zero_grad=zero_grad, grad_scaler=grad_scaler)
+        super().first_step(zero_grad=zero_grad, grad_scaler=grad_scaler, loss=loss)
 
     def _update_direction(self, params: list, buckets: dict) -> None:
         momentum = self.momentum

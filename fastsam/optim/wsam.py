@@ -92,7 +92,7 @@ class WSAM(SAM):
         _check_gamma(self.gamma)
         _check_max_norm(self.max_norm)
 
-    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None, loss=None) -> None:
         """SAM's ``first_step``, keeping a copy of ``g`` for the mix in ``second_step``."""
         self._check_options()
         if grad_scaler is not None:
@@ -102,7 +102,7 @@ class WSAM(SAM):
             params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
             for op in _OPS:  # an unavailable backend raises before anything is perturbed
                 resolve_for(self.backend, op, buckets_of(params))
-        super().first_step(zero_grad=False)
+        super().first_step(zero_grad=False, loss=loss)
         if not self._step_state.cheap_pending:
             self._step_state.variant["first_grads"] = copy_grads_to_buffers(self.backend, list(self._perturbed),
                                                                             self._first_grads)
