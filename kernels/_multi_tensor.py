@@ -39,7 +39,8 @@ A captured graph holds the addresses of the tables its kernels read, and replays
   a host-to-device copy node that every replay repeats, from a pinned host buffer. That buffer is
   kept alive with the pinned table and never written again, so each replay copies the same bytes
   (torch 2.13's pinned allocator also keeps host blocks used by a capture out of reuse; holding
-  the reference does not depend on it). The alternatives are worse: a pageable copy is a
+  the reference does not depend on it). The cost is one small copy node per such table in the
+  graph. The alternatives are worse: a pageable copy is a
   synchronous call, illegal while capturing, and building every table before capture cannot
   know the addresses the captured backward will allocate;
 * a table used from a stream other than the one that uploaded it makes that stream wait for the
@@ -54,7 +55,8 @@ tensors are split into an aligned part and an unaligned part, one table and one 
 launches at most, whatever the number of tensors), so one odd flat-parameter view does not drop the
 whole bucket to scalar accesses. Only lists walked element-wise count: AdamW's step-counter
 addresses are never loaded as elements. The bucket-wide element numbering (SWP counters) is kept
-across the parts.
+across the parts. Kernels that index a per-tensor input or output by the table's tensor index
+(per_tensor_norm's segment sums, perturb_per_tensor's scales) ask for one part (``split=False``).
 
 Tensors must be dense; tensors of one index must share their memory layout (all contiguous, or
 the same strides of a non-overlapping dense layout, such as channels_last), because the kernels
@@ -90,7 +92,6 @@ table_builds: collections.Counter = collections.Counter()
 
 _tables: collections.OrderedDict = collections.OrderedDict()  # LRU, at most MAX_CACHED_TABLES
 _pinned: dict = {}    # tables created or used during a CUDA graph capture: never evicted
-_streams: dict = {}   # table key -> the streams that used it (the first one uploaded it)
 
 
 def interpreted() -> bool:
@@ -153,6 +154,7 @@ class Table(NamedTuple):
     parts: tuple        # one Part, or two (aligned tensors first, then the others)
     n_blocks: int       # over all parts
     host: object        # pinned host copies kept alive (tables built during a CUDA graph capture), else None
+    users: dict         # the CUDA streams that used the table, the uploading one first (insertion order)
 
     @property
     def meta(self) -> torch.Tensor:
@@ -238,21 +240,22 @@ def table(lists: list[list[torch.Tensor]], block: int, address_only: tuple[int, 
     device = first[0].device
     addresses = tuple(tuple(map(torch.Tensor.data_ptr, lst)) for lst in lists)
     numels = tuple(map(torch.Tensor.numel, first))
-    key = (device, block, addresses, numels, split)
+    key = (device, block, addresses, numels, split)  # (hashed once per lookup: the common hit costs two)
     with _on_device(device):
         stream, capturing = stream_state(device)
-        hit = _pinned.get(key)
-        if hit is None:
-            hit = _tables.get(key)
-            if hit is None:
-                hit = _remember(key, _build(addresses, numels, block, address_only, split, device, capturing),
-                                capturing)
-            elif capturing:  # a graph captured now keeps this address: never evict the table from now on
+        hit = _tables.get(key)
+        if hit is not None:
+            if capturing:  # a graph captured now keeps this address: never evict the table from now on
                 _pinned[key] = _tables.pop(key)
             else:
                 _tables.move_to_end(key)
+        else:
+            hit = _pinned.get(key)
+            if hit is None:
+                hit = _remember(key, _build(addresses, numels, block, address_only, split, device, capturing),
+                                capturing)
         if stream is not None:
-            _use_on(key, hit, stream, capturing)
+            _use_on(hit, stream, capturing)
     return hit
 
 
@@ -298,7 +301,7 @@ def _build(addresses, numels, block, address_only, split, device, capturing=Fals
         first_block += b
     table_builds[device.type] += 1
     # See the note on tables and CUDA graphs: a capture replays the copy from these host buffers.
-    return Table(tuple(parts), first_block, tuple(hosts) if capturing else None)
+    return Table(tuple(parts), first_block, tuple(hosts) if capturing else None, {})
 
 
 def _remember(key, entry: Table, pin: bool) -> Table:
@@ -309,14 +312,13 @@ def _remember(key, entry: Table, pin: bool) -> Table:
     while len(_tables) > MAX_CACHED_TABLES:
         # The oldest unpinned table: no graph holds it, and record_stream (see _use_on) makes torch
         # keep its memory until the work queued on every stream that used it is done.
-        old, _ = _tables.popitem(last=False)
-        _streams.pop(old, None)
+        _tables.popitem(last=False)
     return entry
 
 
-def _use_on(key, entry: Table, stream, capturing: bool) -> None:
+def _use_on(entry: Table, stream, capturing: bool) -> None:
     """Order ``stream`` after the table's upload and keep its memory alive for ``stream``'s work."""
-    users = _streams.setdefault(key, {})
+    users = entry.users
     if not users:  # just built: uploaded on this stream
         users[stream] = None
         return
@@ -344,9 +346,6 @@ def clear_tables(pinned: bool = False) -> None:
     _tables.clear()
     if pinned:
         _pinned.clear()
-    for key in list(_streams):
-        if key not in _pinned:
-            del _streams[key]
 
 
 _NO_GUARD = contextlib.nullcontext()

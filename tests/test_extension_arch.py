@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastsam import _extension, _fatbin, ops
-from fastsam.ops import _cuda_common, _dispatch
+from fastsam.ops import _autotune, _cuda_common, _dispatch
 from nvcc_tools import find_nvcc
 
 SOURCE = """
@@ -40,6 +40,8 @@ def build(tmp_path_factory):
 
     def make(name, *gencode):
         out = root / f"{name}.so"
+        if out.exists():
+            return out
         subprocess.run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-Wno-deprecated-gpu-targets", *gencode,
                         str(root / "a.cu"), str(root / "b.cu"), "-o", str(out)], check=True, capture_output=True)
         return out
@@ -76,13 +78,14 @@ def test_files_without_device_code_give_no_verdict(tmp_path):
 
 @pytest.fixture
 def fake_sm90_with_sm80_extension(build, monkeypatch):
-    lib = build("sm80_only", "-gencode=arch=compute_80,code=sm_80")
+    lib = build("sm80", "-gencode=arch=compute_80,code=sm_80")
 
     class Module:
         __file__ = str(lib)
 
     monkeypatch.setattr(_extension, "_module", Module())
     monkeypatch.setattr(_cuda_common, "register_fakes", lambda: None)  # no real operators behind it
+    monkeypatch.setattr(_autotune, "ensure_measured_order", lambda device: None)  # no real GPU to measure
     monkeypatch.setattr(_extension, "_reason", None)
     monkeypatch.setattr(_extension, "generation", _extension.generation + 1000)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
