@@ -95,7 +95,7 @@ def test_asam_weights_rule_matches_the_authors_code_and_resumes(backend):
     # Applying T to every tensor (the default rule) is a visibly different algorithm.
     every = train(model, lambda m: fastsam.ASAM(m.named_parameters(), torch.optim.SGD, rho=0.5, eta=0.01,
                                                 perturb_eps=1e-16, backend=backend, **KW), data)
-    assert _distance(every, mine) > 1e-3
+    assert _distance(every, mine) > 0.1  # measured: 0.32 of the weights' norm (0.29 of the distance travelled)
 
 
 def test_named_parameters_everywhere_and_groups_carry_names():
