@@ -13,7 +13,7 @@ from . import sharpness
 from .optim import GSAM, LookSAM, RhoScheduler
 from .optim import MomentumSAM, MomentumSAMAdamW
 from .optim import AESAM, RandomSwitchSAM
-from .optim import KSAM
+from .optim import KSAM, SAMPa
 from .optim import AWP, HERO, DeltaSAM
 from .utils import disable_running_stats, enable_running_stats, frozen_running_stats
 from .version import __version__
@@ -23,7 +23,7 @@ __all__ = [
     "ESAM", "MSAM", "distributed", "sharpness",
     "GSAM", "LookSAM", "RhoScheduler",
     "MomentumSAM", "MomentumSAMAdamW",
-    "AESAM", "RandomSwitchSAM", "KSAM",
+    "AESAM", "RandomSwitchSAM", "KSAM", "SAMPa",
     "AWP", "HERO", "DeltaSAM",
     "ops", "frozen_running_stats", "disable_running_stats", "enable_running_stats",
     "__version__",

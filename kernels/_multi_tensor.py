@@ -92,7 +92,6 @@ table_builds: collections.Counter = collections.Counter()
 
 _tables: collections.OrderedDict = collections.OrderedDict()  # LRU, at most MAX_CACHED_TABLES
 _pinned: dict = {}    # tables created or used during a CUDA graph capture: never evicted
-_streams: dict = {}   # table key -> the streams that used it (the first one uploaded it)
 
 
 def interpreted() -> bool:
@@ -155,6 +154,7 @@ class Table(NamedTuple):
     parts: tuple        # one Part, or two (aligned tensors first, then the others)
     n_blocks: int       # over all parts
     host: object        # pinned host copies kept alive (tables built during a CUDA graph capture), else None
+    users: dict         # the CUDA streams that used the table, the uploading one first (insertion order)
 
     @property
     def meta(self) -> torch.Tensor:
@@ -240,21 +240,22 @@ def table(lists: list[list[torch.Tensor]], block: int, address_only: tuple[int, 
     device = first[0].device
     addresses = tuple(tuple(map(torch.Tensor.data_ptr, lst)) for lst in lists)
     numels = tuple(map(torch.Tensor.numel, first))
-    key = (device, block, addresses, numels, split)
+    key = (device, block, addresses, numels, split)  # (hashed once per lookup: the common hit costs two)
     with _on_device(device):
         stream, capturing = stream_state(device)
-        hit = _pinned.get(key)
-        if hit is None:
-            hit = _tables.get(key)
-            if hit is None:
-                hit = _remember(key, _build(addresses, numels, block, address_only, split, device, capturing),
-                                capturing)
-            elif capturing:  # a graph captured now keeps this address: never evict the table from now on
+        hit = _tables.get(key)
+        if hit is not None:
+            if capturing:  # a graph captured now keeps this address: never evict the table from now on
                 _pinned[key] = _tables.pop(key)
             else:
                 _tables.move_to_end(key)
+        else:
+            hit = _pinned.get(key)
+            if hit is None:
+                hit = _remember(key, _build(addresses, numels, block, address_only, split, device, capturing),
+                                capturing)
         if stream is not None:
-            _use_on(key, hit, stream, capturing)
+            _use_on(hit, stream, capturing)
     return hit
 
 
@@ -300,7 +301,7 @@ def _build(addresses, numels, block, address_only, split, device, capturing=Fals
         first_block += b
     table_builds[device.type] += 1
     # See the note on tables and CUDA graphs: a capture replays the copy from these host buffers.
-    return Table(tuple(parts), first_block, tuple(hosts) if capturing else None)
+    return Table(tuple(parts), first_block, tuple(hosts) if capturing else None, {})
 
 
 def _remember(key, entry: Table, pin: bool) -> Table:
@@ -311,14 +312,13 @@ def _remember(key, entry: Table, pin: bool) -> Table:
     while len(_tables) > MAX_CACHED_TABLES:
         # The oldest unpinned table: no graph holds it, and record_stream (see _use_on) makes torch
         # keep its memory until the work queued on every stream that used it is done.
-        old, _ = _tables.popitem(last=False)
-        _streams.pop(old, None)
+        _tables.popitem(last=False)
     return entry
 
 
-def _use_on(key, entry: Table, stream, capturing: bool) -> None:
+def _use_on(entry: Table, stream, capturing: bool) -> None:
     """Order ``stream`` after the table's upload and keep its memory alive for ``stream``'s work."""
-    users = _streams.setdefault(key, {})
+    users = entry.users
     if not users:  # just built: uploaded on this stream
         users[stream] = None
         return
@@ -346,9 +346,6 @@ def clear_tables(pinned: bool = False) -> None:
     _tables.clear()
     if pinned:
         _pinned.clear()
-    for key in list(_streams):
-        if key not in _pinned:
-            del _streams[key]
 
 
 _NO_GUARD = contextlib.nullcontext()

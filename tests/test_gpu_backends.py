@@ -122,12 +122,19 @@ def test_more_than_64_tables_after_a_capture_replay_still_correct():
     backups = [torch.randn(s, generator=gen).to(device) for s in shapes]
     grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
     scratch = [torch.empty_like(p) for p in params]
-    ops.restore_(params, backups, backend="triton")  # warm-up: kernel compiled
+    # Warm-up on look-alike tensors: every kernel variant compiled (no compile during the capture),
+    # while the tables of the captured grad_norm and perturb are still built during the capture.
+    twins = [[torch.randn(s, device=device) for s in shapes] for _ in range(4)]
+    ops.restore_(params, backups, backend="triton")
+    ops.perturb_(twins[0], twins[1], twins[2], ops.grad_norm(twins[1], backend="triton"), 0.5, backend="triton")
+    torch.cuda.synchronize()
+    builds = _multi_tensor.table_builds["cuda"]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ops.restore_(params, backups, backend="triton")
         norm = ops.grad_norm(grads, backend="triton")
         ops.perturb_(params, grads, scratch, norm, 0.5, backend="triton")
+    assert _multi_tensor.table_builds["cuda"] == builds + 2, "grad_norm's and perturb's tables: built while capturing"
     keep = []
     for i in range(_multi_tensor.MAX_CACHED_TABLES + 10):  # each a new table: the LRU turns over completely
         a, b = torch.randn(5 + i, device=device), torch.randn(5 + i, device=device)

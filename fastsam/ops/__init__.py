@@ -21,6 +21,7 @@ Ops (each in its own file, same name as its kernel in ``kernels/`` and ``csrc/``
 ``momentum_sam_sgd_``      Momentum-SAM: back from the ascent point, SGD step, ``||v||^2`` (fused)
 ``momentum_sam_adamw_``    the same with the AdamW step
 ``momentum_sam_shift_``    ``w += scale * v`` (optionally backing ``w`` up): the ascent move
+``sampa_extrapolate_``     SAMPa's ``y = w - lr (d + wd w + mu buf)`` with a backup of ``w``
 =========================  ====================================================================
 
 Every op accepts lists of tensors, splits them into (device, dtype) buckets and runs a constant
@@ -50,6 +51,7 @@ from .gsam_combine import gsam_combine_
 from .looksam_combine import looksam_combine_, looksam_orthogonal_
 from .per_tensor_norm import per_tensor_norm, per_tensor_sq_norms
 from .momentum_sam import momentum_sam_adamw_, momentum_sam_sgd_, momentum_sam_shift_
+from .sampa_extrapolate import sampa_extrapolate_
 from .perturb import perturb_
 from .perturb_per_tensor import perturb_per_tensor_
 from .restore import restore_
@@ -65,5 +67,5 @@ __all__ = [
     "grad_dot", "gsam_combine_", "grad_mix_", "ema_direction_", "looksam_orthogonal_", "looksam_combine_",
     # layer-wise perturbation (AWP, WT-AWP, HERO)
     "per_tensor_norm", "per_tensor_sq_norms", "perturb_per_tensor_",
-    "momentum_sam_sgd_", "momentum_sam_adamw_", "momentum_sam_shift_",
+    "momentum_sam_sgd_", "momentum_sam_adamw_", "momentum_sam_shift_", "sampa_extrapolate_",
 ]

@@ -15,7 +15,8 @@ from .msam import MSAM
 from .rho_scheduler import RhoScheduler
 from .rst import RandomSwitchSAM
 from .sam import SAM
+from .sampa import SAMPa
 
 __all__ = ["SAM", "ASAM", "FisherSAM", "ESAM", "MSAM", "GSAM", "LookSAM", "RhoScheduler"]
-__all__ += ["MomentumSAM", "MomentumSAMAdamW", "AESAM", "RandomSwitchSAM", "KSAM"]
+__all__ += ["MomentumSAM", "MomentumSAMAdamW", "AESAM", "RandomSwitchSAM", "KSAM", "SAMPa"]
 __all__ += ["AWP", "HERO", "DeltaSAM"]
