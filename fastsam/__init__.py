@@ -15,6 +15,7 @@ from .optim import MomentumSAM, MomentumSAMAdamW
 from .optim import AESAM, RandomSwitchSAM
 from .optim import KSAM, SAMPa
 from .optim import AWP, HERO, DeltaSAM
+from .optim import WSAM, FriendlySAM, BSAM
 from .utils import disable_running_stats, enable_running_stats, frozen_running_stats
 from .version import __version__
 
@@ -25,6 +26,7 @@ __all__ = [
     "MomentumSAM", "MomentumSAMAdamW",
     "AESAM", "RandomSwitchSAM", "KSAM", "SAMPa",
     "AWP", "HERO", "DeltaSAM",
+    "WSAM", "FriendlySAM", "BSAM",
     "ops", "frozen_running_stats", "disable_running_stats", "enable_running_stats",
     "__version__",
 ]

@@ -21,7 +21,7 @@ def _ema_direction_block(g_ptr, m_ptr, offs, mask, sigma, lmbda):
     g = g_raw.to(tl.float32)
     m = m_raw.to(tl.float32)
     tl.store(g_ptr + offs, (g - sigma * m).to(g_raw.dtype), mask=mask)
-    tl.store(m_ptr + offs, (lmbda * m + (1.0 - lmbda) * g).to(m_raw.dtype), mask=mask)
+    tl.store(m_ptr + offs, (m + (1.0 - lmbda) * (g - m)).to(m_raw.dtype), mask=mask)  # torch's lerp form
 
 
 @triton.jit

@@ -15,6 +15,9 @@ Ops (each in its own file, same name as its kernel in ``kernels/`` and ``csrc/``
 ``looksam_orthogonal_``    LookSAM's ``g_v = g_s - (<g, g_s>/||g||^2) g`` and its squared norm
 ``looksam_combine_``       LookSAM's cheap-step direction ``g + alpha (||g||/||g_v||) g_v``, in place
 ``grad_mix_``              ``x <- a x + b y`` (or ``y <- a x + b y; x <- y_old``): WSAM's mixes, in place
+``bsam_noise_``            bSAM's noisy weights ``backup = w; w += n / sqrt(N s)``
+``bsam_ascent_``           bSAM's ascent ``w = backup + rho g / s`` and ``h = sqrt(s) |g|``
+``bsam_step_``             bSAM's restore + momentum, weight and precision update
 ``ema_direction_``         FriendlySAM's ``d = g - sigma m`` with the EMA ``m <- lmbda m + (1-lmbda) g``
 ``per_tensor_norm``        ``[||x_0||, ..., ||x_{T-1}||]``: every tensor's own L2 norm (AWP, HERO)
 ``perturb_per_tensor_``    ``backup = w; w += s_t * g`` with one device scale per tensor (layer-wise)
@@ -43,6 +46,9 @@ from ._dispatch import (
     supports,
 )
 from ._autotune import autotune
+from .bsam_ascent import bsam_ascent_
+from .bsam_noise import bsam_noise_
+from .bsam_step import bsam_step_
 from .ema_direction import ema_direction_
 from .grad_dot import grad_dot
 from .grad_mix import grad_mix_
@@ -68,4 +74,5 @@ __all__ = [
     # layer-wise perturbation (AWP, WT-AWP, HERO)
     "per_tensor_norm", "per_tensor_sq_norms", "perturb_per_tensor_",
     "momentum_sam_sgd_", "momentum_sam_adamw_", "momentum_sam_shift_", "sampa_extrapolate_",
+    "bsam_noise_", "bsam_ascent_", "bsam_step_",
 ]
