@@ -162,3 +162,20 @@ def test_friendly_sam_with_grad_scaler_matches_unscaled_run():
     assert_models_close(scaled, plain, rtol=1e-5, atol=1e-6)
     for p, q in zip(scaled.parameters(), plain.parameters()):
         torch.testing.assert_close(opt.momentum[p], popt.momentum[q], rtol=1e-5, atol=1e-6)
+
+
+def test_friendly_sam_non_finite_first_gradient_starts_the_ema_at_zero():
+    model = make_mlp()
+    opt = fastsam.FriendlySAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batches(1)[0]
+    loss_of(model, x, y).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    opt.first_step(zero_grad=True)
+    assert bool(opt.perturbation_skipped)
+    assert all(torch.equal(m, torch.zeros_like(m)) for m in opt.momentum.values())
+    opt.restore()
+    loss_of(model, x, y).backward()
+    g = {p: p.grad.clone() for p in model.parameters()}
+    opt.first_step(zero_grad=True)
+    for p, m in opt.momentum.items():
+        torch.testing.assert_close(m, 0.1 * g[p])  # (1 - lmbda) g into a zero EMA
