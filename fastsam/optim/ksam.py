@@ -81,15 +81,17 @@ class KSAM(SAM):
         indices = ops.sds_select(torch.zeros_like(losses), losses, k, backend=self.backend)
         self.last_indices = indices
         with self._subset_context(first=True):
-            per_sample_losses(with_grad(indices), k, "KSAM").mean().backward()
-        self.first_step(zero_grad=True)
+            subset_loss = per_sample_losses(with_grad(indices), k, "KSAM").mean()
+            subset_loss.backward()
+        self.first_step(zero_grad=True, loss=subset_loss.detach())
         try:
             with self._subset_context(first=False):
-                per_sample_losses(with_grad(indices), k, "KSAM").mean().backward()
+                perturbed_loss = per_sample_losses(with_grad(indices), k, "KSAM").mean()
+                perturbed_loss.backward()
         except BaseException:
             self.restore()
             raise
-        self.second_step()
+        self.second_step(loss=perturbed_loss.detach())  # sharpness on the k selected samples
         return losses.mean()
 
     _PICKLED = SAM._PICKLED + ("gamma", "model")

@@ -84,7 +84,9 @@ def _check_loss(name: str, loss):
         if loss.numel() != 1:
             raise ValueError(f"{name} must be the scalar loss (a one-element tensor, e.g. the batch mean), got a "
                              f"tensor of shape {tuple(loss.shape)}")
-        return loss.detach().reshape(())
+        if loss.requires_grad:
+            loss = loss.detach()
+        return loss if loss.dim() == 0 else loss.reshape(())  # no op at all for a detached 0-dim loss
     if isinstance(loss, bool) or not isinstance(loss, (int, float)):
         raise TypeError(f"{name} must be a scalar loss (a tensor or a number), got {type(loss).__name__}")
     return torch.tensor(float(loss))
@@ -585,7 +587,7 @@ class SAM(torch.optim.Optimizer):
         self._opt_called = True
         self.base_optimizer._opt_called = True
 
-    def step(self, closure=None, *, loss=None):
+    def step(self, closure=None, *, loss=None, perturbed_loss=None):
         """``first_step``, ``closure()`` (second forward/backward, returns the loss), ``second_step``.
 
         Gradients at ``w`` must already be in ``.grad``. Returns the closure's loss. If the closure
@@ -595,12 +597,14 @@ class SAM(torch.optim.Optimizer):
 
         ``loss``: optionally the first-pass loss ``L(w)`` the caller computed before the call. With
         it, :attr:`sharpness` is the closure's (perturbed) loss minus ``loss``, on the device.
+        ``perturbed_loss``: without a closure (finishing a step begun by ``first_step(loss=...)``,
+        e.g. ``scaler.step(opt, perturbed_loss=loss_p)``, which GradScaler passes on), ``L(w + e)``.
         """
         if closure is None:
             if self._perturbed is not None or not self.needs_second_pass:
                 # After first_step (e.g. through GradScaler.step, which passes no closure) or on a
                 # cheap step: finish the step.
-                self.second_step()
+                self.second_step(loss=perturbed_loss)
                 return None
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure that recomputes the loss and its "
                                "gradients at the perturbed weights (or call first_step() and second_step())")
