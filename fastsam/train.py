@@ -124,6 +124,9 @@ register("rst", lambda p, s: _fastsam().RandomSwitchSAM(p, torch.optim.SGD, rho=
          summary="RST rho=0.05, SAM with probability 0.5")
 register("ksam", lambda p, s: _fastsam().KSAM(p, torch.optim.SGD, rho=0.05, gamma=0.5, model=s.model, backend=s.backend,
                                               **s.sgd), "closure", summary="K-SAM rho=0.05, top half of the batch")
+register("sampa", lambda p, s: _fastsam().SAMPa(p, torch.optim.SGD, rho=0.1, lam=0.2, parallel=False, backend=s.backend,
+                                               **s.sgd), "loss_closure",
+         summary="SAMPa-0.2 rho=0.1 (authors' defaults), both gradients in this one process (SAM's cost)")
 register("wsam", lambda p, s: _fastsam().WSAM(p, torch.optim.SGD, rho=0.05, gamma=0.9, backend=s.backend, **s.sgd),
          summary="WSAM rho=0.05 gamma=0.9, decoupled")
 register("friendlysam", lambda p, s: _fastsam().FriendlySAM(p, torch.optim.SGD, rho=0.05, sigma=1.0, lmbda=0.9,
@@ -132,6 +135,17 @@ register("friendlysam", lambda p, s: _fastsam().FriendlySAM(p, torch.optim.SGD, 
 register("bsam", lambda p, s: _fastsam().BSAM(p, max(1, s.num_data), lr=0.5, rho=0.05, weight_decay=s.weight_decay,
                                               damping=0.1, seed=s.seed, backend=s.backend), "loss_closure",
          summary="bSAM (authors' algorithm) lr=0.5 rho=0.05 damping=0.1")
+# layer-wise perturbation (AWP / WT-AWP, HERO) and δ-SAM
+register("awp", lambda p, s: _fastsam().AWP(p, torch.optim.SGD, rho=5e-3, backend=s.backend, **s.sgd),
+         summary="AWP rho=5e-3 (relative to each layer's norm; the authors' gamma)")
+register("wtawp", lambda p, s: (lambda ps: _fastsam().AWP(ps, torch.optim.SGD, rho=5e-3, lmbda=0.5, truncate=ps[-2:],
+                                                           backend=s.backend, **s.sgd))(list(p)),
+         summary="WT-AWP rho=5e-3 lmbda=0.5, output layer truncated")
+register("hero", lambda p, s: _fastsam().HERO(p, torch.optim.SGD, rho=0.01, gamma=1.0, backend=s.backend, **s.sgd),
+         summary="HERO rho=0.01 gamma=1 (layer-wise perturbation)")
+register("deltasam", lambda p, s: _fastsam().DeltaSAM(p, torch.optim.SGD, rho=0.05, temperature=1.0, model=s.model,
+                                                      backend=s.backend, **s.sgd), "closure",
+         summary="δ-SAM rho=0.05 temperature=1")
 
 
 def load_digits_tensors(noise: float, seed: int, device: torch.device):

@@ -6,7 +6,7 @@ training data (the digits split and label noise of its seed, regenerated from th
 * test accuracy;
 * m-sharpness (:func:`fastsam.sharpness.m_sharpness`): mean over ``m``-sample shards of the worst
   loss increase within an L2 ball of radius ``rho``, found by projected gradient ascent;
-* the largest Hessian eigenvalue (power iteration) and the Hessian trace (Hutchinson);
+* the largest Hessian eigenvalue (Lanczos) and the Hessian trace (Hutchinson);
 * a 1-D loss slice along a filter-normalised random direction (Li et al. 2018).
 
 It prints one table, one row per optimizer (mean +- std over its seeds), and writes one figure with
