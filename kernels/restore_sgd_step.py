@@ -81,13 +81,18 @@ def restore_sgd_step_kernel(meta, n_tensors, lr_value, lr_ptr, momentum, one_min
         step_ok = tl.where(tl.load(found_inf_ptr) == 0, tl.full([BLOCK], 1, tl.int32), 0) != 0
     else:
         step_ok = tl.full([BLOCK], 1, tl.int1)
-    offs = start + tl.arange(0, BLOCK)
+    # int32 offsets in the block, its int64 base in the pointers (see perturb.py's note on this)
+    w_ptr += start
+    g_ptr += start
+    b_ptr += start
+    m_ptr += start
+    offs = tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, tl.full([BLOCK], 1, tl.int1), lr, momentum,
                    one_minus_dampening, weight_decay, grad_scale, step_ok, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE,
                    HAS_GRAD_SCALE, HAS_WEIGHT_DECAY)
     else:
-        _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, offs < numel, lr, momentum, one_minus_dampening, weight_decay,
+        _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, offs < numel - start, lr, momentum, one_minus_dampening, weight_decay,
                    grad_scale, step_ok, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE, HAS_WEIGHT_DECAY)
 
 
