@@ -194,6 +194,8 @@ setup(
         "fastsam.ops",
         "fastsam.optim",
         "fastsam.utils",
+        "fastsam.sharpness",
+        "fastsam.integrations",
         "fastsam.kernels",
         "fastsam.bench",
     ],
@@ -207,6 +209,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "train": ["scikit-learn"],
+        "plot": ["matplotlib"],  # fastsam.sharpness.plot_landscape, fastsam sharpness
         # Everything the test suite exercises: the Triton interpreter, the plots and the peer of the
         # benchmarks, and the Lightning example.
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "triton>=3.6", "matplotlib", "pytorch-optimizer",

@@ -9,14 +9,24 @@ from . import ops
 from .optim import ASAM, SAM, FisherSAM
 from .optim import ESAM, MSAM
 from . import distributed
+from . import sharpness
 from .optim import GSAM, LookSAM, RhoScheduler
+from .optim import MomentumSAM, MomentumSAMAdamW
+from .optim import AESAM, RandomSwitchSAM
+from .optim import KSAM, SAMPa
+from .optim import AWP, HERO, DeltaSAM
+from .optim import WSAM, FriendlySAM, BSAM
 from .utils import disable_running_stats, enable_running_stats, frozen_running_stats
 from .version import __version__
 
 __all__ = [
     "SAM", "ASAM", "FisherSAM",
-    "ESAM", "MSAM", "distributed",
+    "ESAM", "MSAM", "distributed", "sharpness",
     "GSAM", "LookSAM", "RhoScheduler",
+    "MomentumSAM", "MomentumSAMAdamW",
+    "AESAM", "RandomSwitchSAM", "KSAM", "SAMPa",
+    "AWP", "HERO", "DeltaSAM",
+    "WSAM", "FriendlySAM", "BSAM",
     "ops", "frozen_running_stats", "disable_running_stats", "enable_running_stats",
     "__version__",
 ]

@@ -103,7 +103,7 @@ def backend_status(backend: str) -> tuple[bool, str]:
             importlib.import_module("fastsam.kernels")
         except Exception as exc:  # ImportError, or a broken install
             status = (False, f"triton is not importable ({exc.__class__.__name__}: {exc}); "
-                             "install it with `pip install triton`")
+                             "install it with `pip install 'fastsam[triton]'`")
         else:
             if torch.cuda.is_available() or triton_interpreter_enabled():
                 status = (True, "")
@@ -145,7 +145,9 @@ def supports(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
                        f"not on {device.type}")
     if device.type != "cuda":
         return False, f"the CUDA extension runs on CUDA tensors, not on {device.type}"
-    return True, ""
+    from fastsam import _extension  # the build's architectures against this GPU's, once per GPU
+
+    return _extension.device_status(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def requested_backend(backend: str | None) -> str:

@@ -133,7 +133,7 @@ class MSAM(SAM):
         with_grad = torch.enable_grad()(closure)
         self.zero_grad(set_to_none=True)
 
-        total_loss = None
+        total_loss = total_perturbed = None
         accumulated: list = [None] * len(params)  # the running sum of perturbed-point gradients, set aside
         for k, indices in enumerate(shards):
             last = k == m - 1
@@ -143,7 +143,8 @@ class MSAM(SAM):
                 losses.mean().backward()
             losses = losses.detach().mean()
             total_loss = losses if total_loss is None else total_loss + losses
-            self.first_step()
+            # On the last shard both losses handed over are shard means: sharpness = mean_k (L_k(w+e_k) - L_k(w)).
+            self.first_step(loss=total_loss / m if last else None)
             for p, acc in zip(params, accumulated):
                 p.grad = acc
             try:
@@ -154,8 +155,10 @@ class MSAM(SAM):
             except BaseException:
                 self.restore()
                 raise
+            losses = losses.detach()
+            total_perturbed = losses if total_perturbed is None else total_perturbed + losses
             if last:
-                self.second_step()
+                self.second_step(loss=total_perturbed / m)
             else:
                 self.restore()
                 accumulated = [p.grad for p in params]

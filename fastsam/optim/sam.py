@@ -8,7 +8,12 @@ One SAM step, with ``g`` the gradient at ``w`` over all parameters of the optimi
     w  = backup; base optimizer step with g'     (second_step)
 
 ``adaptive=True`` is ASAM's scale-invariant version (Kwon et al., ICML 2021): with ``T = |w| + eta``,
-``e = rho * T^2 g / (||T g|| + eps)``.
+``e = rho * T^2 g / (||T g|| + eps)``. ``adaptive_params`` says which tensors get ``T``: ``"all"``
+(default, as the widely used PyTorch SAM class does) or ``"weights"``, the rule of the ASAM
+authors' code (SamsungLabs/ASAM), which the paper's experiments ran: only parameters whose name
+contains ``"weight"`` are scaled, biases and normalisation shifts get ``T = 1`` (their ``g`` enters
+the norm and the perturbation as in SAM). It needs names, i.e. ``model.named_parameters()`` (or
+param groups with ``"param_names"``), which every fastsam optimizer accepts as torch's do.
 
 ``every=k`` is interval SAM: only every k-th step (steps 0, k, 2k, ... of the counter kept in
 ``state_dict()``) is a SAM step; the others are plain base steps with one forward/backward, the
@@ -65,6 +70,38 @@ class _StepState:
     step_count: int = 0  # completed steps, SAM and cheap (interval SAM); saved in state_dict()
     cheap_pending: bool = False  # first_step/second_step of a step that perturbs nothing
     variant: dict = field(default_factory=dict)  # subclasses' per-step tensors (GSAM's g, LookSAM's g_v)
+    # Per-step sharpness (see SAM.sharpness): the loss at w given to first_step, then
+    # L(w + e) - L(w) once second_step knows the perturbed loss too. Device tensors, never read.
+    first_loss: torch.Tensor | None = None
+    sharpness: torch.Tensor | None = None
+
+
+def _check_loss(name: str, loss):
+    """A scalar loss (a one-element tensor or a number), detached; None passes. Checks only metadata."""
+    if loss is None:
+        return None
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"{name} must be the scalar loss (a one-element tensor, e.g. the batch mean), got a "
+                             f"tensor of shape {tuple(loss.shape)}")
+        if loss.requires_grad:
+            loss = loss.detach()
+        return loss if loss.dim() == 0 else loss.reshape(())  # no op at all for a detached 0-dim loss
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(f"{name} must be a scalar loss (a tensor or a number), got {type(loss).__name__}")
+    return torch.tensor(float(loss))
+
+
+ADAPTIVE_PARAMS = ("all", "weights")
+
+
+def _check_adaptive_params(group) -> None:
+    rule = group.get("adaptive_params", "all")
+    if rule not in ADAPTIVE_PARAMS:
+        raise ValueError(f"adaptive_params must be one of {ADAPTIVE_PARAMS}, got {rule!r}")
+    if rule == "weights" and group.get("adaptive") and "param_names" not in group:
+        raise ValueError('adaptive_params="weights" scales only parameters whose name contains "weight", so it '
+                         "needs parameter names: pass model.named_parameters() (or groups with 'param_names')")
 
 
 def _check_every(name: str, value) -> None:
@@ -95,6 +132,8 @@ class SAM(torch.optim.Optimizer):
         rho: neighbourhood radius (``>= 0``).
         adaptive: ASAM's adaptive perturbation, ``T = |w| + eta``.
         eta: ASAM's offset in ``T`` (0 reproduces the widely used SAM class's ``adaptive=True``).
+        adaptive_params: with ``adaptive``, which tensors ``T`` applies to: ``"all"`` or ``"weights"``
+            (names containing ``"weight"``, the ASAM authors' rule; needs named parameters).
         perturb_eps: ``eps`` in ``rho / (norm + eps)``.
         every: interval SAM: a SAM step every ``every``-th step, a plain base step otherwise (1: always SAM).
         backend: ``"auto"`` (default; ``FASTSAM_BACKEND`` may override it), ``"torch"``, ``"triton"``
@@ -116,6 +155,19 @@ class SAM(torch.optim.Optimizer):
 
     After ``first_step``, ``grad_norm`` holds the (device) norm used and ``perturbation_skipped`` a
     device bool that is True when the gradient was not finite and the weights were left as they were.
+
+    Per-step sharpness for free: give the step both losses it already has and ``sharpness`` holds
+    ``L(w + e) - L(w)`` (the SAM objective's sharpness term, Foret et al. eq. 1) as a device tensor,
+    computed without a host sync::
+
+        loss = loss_fn(model(x), y); loss.backward()
+        opt.first_step(zero_grad=True, loss=loss)                 # L(w), optional
+        loss_p = loss_fn(model(x), y); loss_p.backward()
+        opt.second_step(zero_grad=True, loss=loss_p)              # L(w + e), optional
+        opt.sharpness                                             # loss_p - loss, on the device
+
+    or ``opt.step(closure, loss=loss)`` (``loss`` is the first-pass loss at ``w``; the closure's
+    return value is the perturbed loss). ``fastsam.sharpness.SharpnessLog`` collects it.
     ``state_dict()`` carries the base optimizer's state (momentum, Adam moments).
 
     With ``every > 1`` (and in subclasses with cheap steps, such as LookSAM) some steps need no
@@ -134,12 +186,14 @@ class SAM(torch.optim.Optimizer):
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
                  eta: float = 0.0, perturb_eps: float = 1e-12, backend: str | None = "auto",
-                 dp_perturbation: str = "global", every: int = 1, **kwargs):
+                 dp_perturbation: str = "global", every: int = 1, adaptive_params: str = "all", **kwargs):
         _check_every("every", every)
         _check_nonneg("rho", rho)
         _check_nonneg("eta", eta)
         _check_nonneg("perturb_eps", perturb_eps)
         self._sam_defaults = dict(rho=float(rho), adaptive=bool(adaptive), eta=float(eta))
+        if adaptive_params != "all":  # kept out of the groups unless used: stock state dicts stay stock
+            self._sam_defaults["adaptive_params"] = adaptive_params
         base_is_instance = isinstance(base_optimizer, torch.optim.Optimizer)
         if base_is_instance and kwargs:
             raise TypeError(f"base_optimizer is an optimizer instance, so options {sorted(kwargs)} cannot be "
@@ -191,6 +245,18 @@ class SAM(torch.optim.Optimizer):
         return self._step_state.perturbation_skipped
 
     @property
+    def sharpness(self) -> torch.Tensor | None:
+        """``L(w + e) - L(w)`` of the last step (0-dim, detached, on the losses' device), or None.
+
+        Filled by ``second_step`` when both losses were given (``first_step(loss=...)`` and
+        ``second_step(loss=...)``, or ``step(closure, loss=...)``); optimizers that run their own
+        passes (ESAM, MSAM) always fill it. None after a step that lacked either loss and after a
+        cheap step (interval SAM, LookSAM's reuse steps), which has no perturbed point. The value
+        is never read on the host by fastsam.
+        """
+        return self._step_state.sharpness
+
+    @property
     def _perturbed(self) -> dict | None:
         return self._step_state.perturbed
 
@@ -229,6 +295,13 @@ class SAM(torch.optim.Optimizer):
         raises, ``second_step`` restores the weights and re-raises. SAM uses the gradient as it is.
         """
 
+    def _after_base_step(self, sam_step: bool) -> None:
+        """Runs right after the base optimizer's step (weights restored and stepped), in ``second_step``.
+
+        For updates applied outside the base optimizer (WSAM's decoupled sharpness term). It must honour
+        ``self._amp_scale_args()`` (a skipped base step skips it too). SAM does nothing here.
+        """
+
     # ------------------------------------------------------------------ interval SAM
 
     @property
@@ -261,6 +334,7 @@ class SAM(torch.optim.Optimizer):
         _check_nonneg("rho", group.get("rho"))
         _check_nonneg("eta", group.get("eta"))
         check_mode(self._norm_mode(group), group["eta"])
+        _check_adaptive_params(group)
 
     def add_param_group(self, param_group: dict) -> None:
         base = self.__dict__.get("base_optimizer")
@@ -282,17 +356,21 @@ class SAM(torch.optim.Optimizer):
             if checking:
                 self._check_group(group)
             mode, rho, eta = self._norm_mode(group), float(group["rho"]), float(group["eta"])
-            for p in group["params"]:
+            names = group.get("param_names") if mode == "adaptive" and group.get("adaptive_params") == "weights" \
+                else None
+            for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
+                # The ASAM authors' rule: T = |w| + eta for "weight" tensors only, the others as in SAM.
+                tensor_mode = mode if names is None or "weight" in names[i] else "plain"
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                        f"(parameter of shape {tuple(p.shape)})")
-                key = (p.get_device(), p.dtype, mode, rho, eta)  # get_device(): an int, cheap per tensor
+                key = (p.get_device(), p.dtype, tensor_mode, rho, eta)  # get_device(): an int, cheap per tensor
                 b = buckets.get(key)
                 if b is None:
-                    b = buckets[key] = _Bucket(p.device, p.dtype, mode, rho, eta)
+                    b = buckets[key] = _Bucket(p.device, p.dtype, tensor_mode, rho, eta)
                 b.params.append(p)
                 b.grads.append(g)
         return list(buckets.values())
@@ -334,8 +412,11 @@ class SAM(torch.optim.Optimizer):
         self._step_state.perturbed = perturbed
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None, loss=None) -> None:
         """Compute the global norm, back the weights up and move them to ``w + e``.
+
+        ``loss``: optionally the first-pass loss ``L(w)`` (scalar, unscaled), kept on the device so that
+        ``second_step(loss=L(w + e))`` can fill :attr:`sharpness`.
 
         ``grad_scaler``: the ``torch.amp.GradScaler`` (or its scale, a device tensor) that scaled the
         first-pass loss. The gradients are then unscaled in place, on the device, before perturbing.
@@ -345,6 +426,8 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed is not None:
             raise RuntimeError(f"{type(self).__name__}.first_step() was called twice without second_step(); "
                                "call second_step() (or restore()) before perturbing again")
+        loss = _check_loss("first_step(loss=...)", loss)
+        self._step_state.first_loss = loss if self.needs_second_pass else None
         if not self.needs_second_pass:
             # A cheap step: perturb nothing. second_step steps with the gradient present then.
             self._start_cheap_step()
@@ -391,8 +474,13 @@ class SAM(torch.optim.Optimizer):
         return True
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore the weights and take the base optimizer's step with the perturbed-point gradient."""
+    def second_step(self, zero_grad: bool = False, *, loss=None) -> None:
+        """Restore the weights and take the base optimizer's step with the perturbed-point gradient.
+
+        ``loss``: optionally the second-pass loss ``L(w + e)``; with ``first_step(loss=L(w))`` it sets
+        :attr:`sharpness` to their difference (on the device, no sync).
+        """
+        loss = _check_loss("second_step(loss=...)", loss)
         if self._perturbed is None:
             if self.needs_second_pass:
                 raise RuntimeError(f"{type(self).__name__}.second_step() called without a preceding first_step(): "
@@ -403,11 +491,18 @@ class SAM(torch.optim.Optimizer):
         except BaseException:
             self.restore()
             raise
+        sam_step = not self._step_state.cheap_pending
         if self._fused_base is None:
             self.restore()
             self._generic_base_step()
         else:
             self._fused_second_step()
+        self._after_base_step(sam_step)
+        st = self._step_state
+        first_loss, st.first_loss = st.first_loss, None
+        st.sharpness = None
+        if first_loss is not None and loss is not None and not st.cheap_pending:
+            st.sharpness = loss - first_loss  # device op (a 0-dim CPU number broadcasts)
         self._step_state.perturbed = None
         self._step_state.cheap_pending = False
         self._step_state.step_count += 1
@@ -492,19 +587,24 @@ class SAM(torch.optim.Optimizer):
         self._opt_called = True
         self.base_optimizer._opt_called = True
 
-    def step(self, closure=None):
+    def step(self, closure=None, *, loss=None, perturbed_loss=None):
         """``first_step``, ``closure()`` (second forward/backward, returns the loss), ``second_step``.
 
         Gradients at ``w`` must already be in ``.grad``. Returns the closure's loss. If the closure
         raises, the weights are restored before the exception propagates. On a cheap step
         (``needs_second_pass`` False) the closure is not called, the step uses the gradients in
         ``.grad``, and the return value is None.
+
+        ``loss``: optionally the first-pass loss ``L(w)`` the caller computed before the call. With
+        it, :attr:`sharpness` is the closure's (perturbed) loss minus ``loss``, on the device.
+        ``perturbed_loss``: without a closure (finishing a step begun by ``first_step(loss=...)``,
+        e.g. ``scaler.step(opt, perturbed_loss=loss_p)``, which GradScaler passes on), ``L(w + e)``.
         """
         if closure is None:
             if self._perturbed is not None or not self.needs_second_pass:
                 # After first_step (e.g. through GradScaler.step, which passes no closure) or on a
                 # cheap step: finish the step.
-                self.second_step()
+                self.second_step(loss=perturbed_loss)
                 return None
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure that recomputes the loss and its "
                                "gradients at the perturbed weights (or call first_step() and second_step())")
@@ -512,14 +612,15 @@ class SAM(torch.optim.Optimizer):
             self.second_step()
             return None
         closure = torch.enable_grad()(closure)
-        self.first_step(zero_grad=True)
+        self.first_step(zero_grad=True, loss=loss)
         try:
-            loss = closure()
+            perturbed_loss = closure()
         except BaseException:
             self.restore()
             raise
-        self.second_step()
-        return loss
+        measurable = isinstance(perturbed_loss, torch.Tensor) and perturbed_loss.numel() == 1
+        self.second_step(loss=perturbed_loss if measurable else None)
+        return perturbed_loss
 
     # ------------------------------------------------------------------ state
 
