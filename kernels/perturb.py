@@ -79,9 +79,10 @@ def perturb_kernel(meta, n_tensors, norm_ptr, rho, eta, eps, beta, seed, offset,
 
 
 # SWP draws one Philox counter per element (ten rounds on four 32-bit words): with the usual 16
-# elements per thread (4 warps) the draws need 224-232 registers on triton 3.7 and 202-222 on 3.9
-# for sm_90 (two blocks per SM: too few bytes in flight for a streaming kernel). Eight warps halve
-# the elements per thread: at most 80 registers on both (tests/gpuless, bench/results/gpuless_resources.csv).
+# elements per thread (4 warps) the draws took up to 234 registers on triton 3.7 and 222 on 3.9 for
+# sm_90 (two blocks per SM: too few bytes in flight for a streaming kernel). Eight warps halve the
+# elements per thread: 52-66 registers on triton 3.7, 51-80 on 3.9 (sm_90 and sm_80; tests/gpuless,
+# bench/results/gpuless_resources.csv).
 SWP_NUM_WARPS = 8
 
 

@@ -37,8 +37,8 @@ STEP_BLOCK = 1024
 _STEP_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 # Eight warps (8 elements per thread in a 2048-element block): the step keeps five to six values per
 # element live in fp32 plus the fp64 bias corrections; with four warps that took 140-255 registers
-# on sm_90 (spilling for fp16/bf16 with every flag on), with eight at most 128
-# (tests/gpuless, bench/results/gpuless_resources.csv).
+# on sm_90 (spilling for fp16/bf16 with every flag on), with eight 62-102 on sm_90 and sm_80, triton
+# 3.7 and 3.9 (tests/gpuless, bench/results/gpuless_resources.csv).
 NUM_WARPS = 8
 
 

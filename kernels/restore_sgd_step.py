@@ -22,6 +22,11 @@ import triton.language as tl
 
 from ._multi_tensor import block_size, copy_back, dense_lists, launch_table, table, tl_dtype
 
+# Eight warps (8 elements per thread in a 2048-element block): with four, the momentum variants took
+# up to 168 registers on sm_90 and spilled (fp16/bf16 with nesterov and found-inf, triton 3.7 and 3.9);
+# see bench/results/gpuless_resources.csv for the counts with eight.
+NUM_WARPS = 8
+
 
 @triton.jit
 def _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, mask, lr, momentum, one_minus_dampening, weight_decay, grad_scale,
@@ -118,7 +123,7 @@ def restore_sgd_step_(params, grads, backups, momentum_buffers, lr, lr_tensor, m
                      DTYPE=tl_dtype(params[0].dtype), N_LISTS=len(lists), LR_ON_DEVICE=lr_tensor is not None,
                      HAS_MOMENTUM=has_momentum, FIRST=bool(is_first_step), NESTEROV=bool(nesterov),
                      MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-                     HAS_WEIGHT_DECAY=weight_decay != 0, BLOCK=block)
+                     HAS_WEIGHT_DECAY=weight_decay != 0, BLOCK=block, num_warps=NUM_WARPS)
     copy_back(write_back)
 
 

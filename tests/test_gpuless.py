@@ -158,3 +158,14 @@ def test_stage_fails_clearly_when_the_registry_is_unreachable(tmp_path):
     assert out.returncode == 3, out.stdout + out.stderr
     fails = [line for line in out.stdout.splitlines() if line.startswith("gpuless: FAIL")]
     assert len(fails) == 1 and "cannot install the CUDA build of torch" in fails[0], out.stdout
+
+
+def test_every_launched_kernel_has_a_variant_list():
+    """A new @triton.jit kernel in kernels/ that a launcher starts must join the ahead-of-time compiles."""
+    import re
+
+    covered = {spec.kernel.fn.__name__ for spec in triton_aot.specs_cached()}
+    launched = set()
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        launched |= set(re.findall(r"launch(?:_table)?\(\s*(\w+_kernel)\b", path.read_text()))
+    assert launched and launched <= covered, sorted(launched - covered)

@@ -62,7 +62,27 @@ def cases(torch):
         out = fn(new((300,), dtype), new((300,), dtype), 0.5)
         assert out.shape == (300,) and out.dtype == torch.float32 and out.device.type == "cuda", out
 
-    return {"grad_norm": norm, "perturb": perturb, "restore": restore, "restore_sgd_step": sgd,
+    def mix(fn, new, dtype):
+        x, y = lists(new, dtype, 2)
+        for swap, skip in ((False, None), (True, new((), torch.float32))):
+            fn(x, y, new((), torch.float32), new((), torch.float32), swap, skip)
+
+    def ema(fn, new, dtype):
+        g, m = lists(new, dtype, 2)
+        for skip in (None, new((), torch.float32)):
+            fn(g, m, 0.5, 0.9, skip)
+
+    def per_tensor_norms(fn, new, dtype):
+        (x,) = lists(new, dtype, 1)
+        out = fn(x)
+        assert out.shape == (len(shapes),) and out.dtype == torch.float32 and out.device.type == "cuda", out
+
+    def perturb_per_tensor(fn, new, dtype):
+        p, g, b = lists(new, dtype, 3)
+        fn(p, g, b, new((len(shapes),), torch.float32))
+
+    return {"grad_mix": mix, "ema_direction": ema, "per_tensor_norm": per_tensor_norms,
+            "perturb_per_tensor": perturb_per_tensor, "grad_norm": norm, "perturb": perturb, "restore": restore, "restore_sgd_step": sgd,
             "restore_adamw_step": adamw, "sds_select": select, "sds_weights": weights}
 
 

@@ -107,8 +107,8 @@ def specs() -> list[Spec]:
     import triton.language as tl
 
     sys.path.insert(0, str(ROOT))
-    from kernels import (_multi_tensor, grad_norm, perturb, restore, restore_adamw_step, restore_sgd_step,
-                         sds_select, sds_weights)
+    from kernels import (_multi_tensor, ema_direction, grad_mix, grad_norm, per_tensor_norm, perturb,
+                         perturb_per_tensor, restore, restore_adamw_step, restore_sgd_step, sds_select, sds_weights)
 
     dtypes = [tl.float32, tl.bfloat16, tl.float16]
     block = _multi_tensor.BLOCK
@@ -166,7 +166,7 @@ def specs() -> list[Spec]:
              flags=("LR_ON_DEVICE", "HAS_MOMENTUM", "FIRST", "NESTEROV", "MAXIMIZE", "HAS_GRAD_SCALE",
                     "HAS_FOUND_INF", "HAS_WEIGHT_DECAY"),
              derive=sgd_derive, aligned=("meta", "lr_ptr", "grad_scale_ptr", "found_inf_ptr"), streaming=True,
-             vector_path=True),
+             vector_path=True, warps=lambda c: restore_sgd_step.NUM_WARPS),
         Spec("restore_adamw_step.restore_adamw_step_kernel", restore_adamw_step.restore_adamw_step_kernel,
              lambda c: {**table_scalars, "lr_value": "fp32", "lr_ptr": device_scalar(c["LR_ON_DEVICE"]),
                         **dict.fromkeys(("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "ln_beta1_hi",
@@ -183,6 +183,21 @@ def specs() -> list[Spec]:
              lambda c: {"step_addresses": "*i64", "n_steps": "i32", "found_inf_ptr": device_scalar(c["HAS_FOUND_INF"])},
              {"STEP_DTYPE": [tl.float32, tl.float64], "HAS_FOUND_INF": [False, True],
               "BLOCK": [restore_adamw_step.STEP_BLOCK]}, aligned=("step_addresses", "found_inf_ptr")),
+        Spec("perturb_per_tensor.perturb_per_tensor_kernel", perturb_per_tensor.perturb_per_tensor_kernel,
+             lambda c: {**table_scalars, "scales": "*fp32"}, {"DTYPE": dtypes, "ALIGN": align, "BLOCK": [block]},
+             aligned=("meta", "scales"), streaming=True, vector_path=True),
+        Spec("per_tensor_norm.segment_sums_kernel", per_tensor_norm.segment_sums_kernel,
+             lambda c: {**table_scalars, "partials": "*fp32", "out": "*fp32"},
+             {"N_LISTS": [1], "ELEM_BLOCK": [block], "BLOCK": [per_tensor_norm.SEGMENT_BLOCK]},
+             aligned=("meta", "partials", "out")),
+        Spec("grad_mix.grad_mix_kernel", grad_mix.grad_mix_kernel,
+             lambda c: {**table_scalars, "a_ptr": "*fp32", "b_ptr": "*fp32", "skip_ptr": "*fp32"},
+             {"DTYPE": dtypes, "SWAP": [False, True], "HAS_SKIP": [False, True], "ALIGN": align, "BLOCK": [block]},
+             aligned=("meta", "a_ptr", "b_ptr", "skip_ptr"), streaming=True, vector_path=True),
+        Spec("ema_direction.ema_direction_kernel", ema_direction.ema_direction_kernel,
+             lambda c: {**table_scalars, "sigma": "fp32", "lmbda": "fp32", "skip_ptr": "*fp32" if c["HAS_SKIP"] else "*i64"},
+             {"DTYPE": dtypes, "HAS_SKIP": [False, True], "ALIGN": align, "BLOCK": [block]},
+             aligned=("meta", "skip_ptr"), streaming=True, vector_path=True),
         Spec("sds_select.sds_select_kernel", sds_select.sds_select_kernel,
              lambda c: {"before_ptr": ptr[c["LOSS_DTYPE"]], "after_ptr": ptr[c["LOSS_DTYPE"]], "n": "i32", "k": "i32",
                         "out_ptr": "*i64"},
