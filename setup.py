@@ -41,6 +41,72 @@ def nvcc_release(cuda_home: str) -> str | None:
     return f"{found.group(1)}.{found.group(2)}" if found else None
 
 
+def has_cuda_headers(root: str) -> bool:
+    """Whether ``root`` is a CUDA toolkit root with its runtime headers (``include/cuda_runtime.h``)."""
+    return os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+
+
+def nvcc_reported_root(nvcc: str) -> str | None:
+    """The toolkit root nvcc itself reports (``TOP=`` of a ``--dryrun``), or None.
+
+    nvcc's driver prints the directory it really runs from even when the ``nvcc`` on PATH is a
+    wrapper script or a symlink elsewhere (``exec /usr/local/cuda-13.0/bin/nvcc "$@"``).
+    """
+    import subprocess
+
+    try:
+        proc = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"^#\$ TOP=(.+)$", proc.stdout + proc.stderr, re.MULTILINE)
+    return os.path.normpath(found.group(1).strip()) if found else None
+
+
+def find_toolkit_root(nvcc: str) -> str | None:
+    """The CUDA toolkit root that ``nvcc`` belongs to: the one holding ``include/cuda_runtime.h``.
+
+    torch infers ``CUDA_HOME`` as ``dirname(dirname(which nvcc))``, which is wrong when nvcc is a
+    wrapper script (``/usr/local/bin/nvcc`` gives ``/usr/local``, a root without CUDA headers). Tried
+    in order: that naive root, the root of the resolved binary (symlinks), and the root nvcc
+    reports itself.
+    """
+    naive = os.path.dirname(os.path.dirname(os.path.abspath(nvcc)))
+    resolved = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    for root in (naive, resolved):
+        if has_cuda_headers(root):
+            return root
+    reported = nvcc_reported_root(nvcc)
+    if reported and has_cuda_headers(reported):
+        return reported
+    return None
+
+
+def cuda_home_from_environment() -> tuple[str | None, str | None]:
+    """(toolkit root, None) or (None, one-line reason): ``CUDA_HOME``/``CUDA_PATH``, else the nvcc on PATH.
+
+    A reason that ends in "set CUDA_HOME ..." means a toolkit is there but unusable as found: the
+    build stops on it rather than skipping (torch would otherwise fail later on a missing header).
+    """
+    import shutil
+
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        root = os.environ.get(var)
+        if root:
+            if not has_cuda_headers(root):
+                return None, f"{var}={root} has no include/cuda_runtime.h; set {var} to the CUDA toolkit root"
+            return root, None
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return (("/usr/local/cuda", None) if has_cuda_headers("/usr/local/cuda") else
+                (None, "no CUDA toolkit found (CUDA_HOME unset and nvcc not on PATH)"))
+    root = find_toolkit_root(nvcc)
+    if root is None:
+        return None, (f"cannot find the CUDA toolkit root of {nvcc} (no include/cuda_runtime.h next to it or where "
+                      "it reports running from); set CUDA_HOME to the toolkit root")
+    return root, None
+
+
 def toolkit_mismatch(torch_cuda: str, toolkit: str) -> str | None:
     """Why a toolkit cannot build for this torch (major versions differ, as apex refuses), or None."""
     if torch_cuda.split(".")[0] != toolkit.split(".")[0]:
@@ -70,14 +136,24 @@ def cuda_extension():
         return skip("no sources in csrc/")
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except Exception as exc:  # torch missing from an isolated build env, or broken
         return skip(f"torch is not importable in the build environment: {exc.__class__.__name__}; "
                     "use `pip install --no-build-isolation`")
     if torch.version.cuda is None:
         return skip("this torch build has no CUDA support")
-    if CUDA_HOME is None:
-        return skip("no CUDA toolkit found (CUDA_HOME unset and nvcc not on PATH)")
+    cuda_home, why = cuda_home_from_environment()
+    if cuda_home is None:
+        if "; set CUDA_" in why:
+            raise SystemExit(f"fastsam: cannot build the CUDA extension: {why}")
+        return skip(why)
+    # torch.utils.cpp_extension reads CUDA_HOME once, at import: give it the real root first.
+    os.environ["CUDA_HOME"] = cuda_home
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    if os.path.normpath(cpp_extension.CUDA_HOME or "") != os.path.normpath(cuda_home):
+        cpp_extension.CUDA_HOME = cuda_home  # imported earlier by someone else, with the naive root
+    CUDA_HOME = cuda_home
     toolkit = nvcc_release(CUDA_HOME)
     if toolkit is None:
         return skip(f"nvcc under {CUDA_HOME} did not report its version")
@@ -118,6 +194,8 @@ setup(
         "fastsam.ops",
         "fastsam.optim",
         "fastsam.utils",
+        "fastsam.sharpness",
+        "fastsam.integrations",
         "fastsam.kernels",
         "fastsam.bench",
     ],
@@ -131,6 +209,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "train": ["scikit-learn"],
+        "plot": ["matplotlib"],  # fastsam.sharpness.plot_landscape, fastsam sharpness
         # Everything the test suite exercises: the Triton interpreter, the plots and the peer of the
         # benchmarks, and the Lightning example.
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "triton>=3.6", "matplotlib", "pytorch-optimizer",

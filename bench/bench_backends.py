@@ -16,7 +16,6 @@ Run: ``python -m fastsam.bench.bench_backends --device cuda [--sets small2000,re
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -137,7 +136,7 @@ def main(argv=None) -> int:
                         help=f"comma-separated parameter sets: {', '.join(list(PARAM_SETS) + list(LOCAL_SETS))}")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no-sds", action="store_true", help="skip the SDS ops")
-    parser.add_argument("--out", default=None, help="results CSV (default bench/results/backends.csv)")
+    parser.add_argument("--out", default=None, help="results CSV or directory (default: backends.csv in bench/results/ inside the source tree, else in the current directory)")
     parser.add_argument("--write-table", default=None, metavar="FILE",
                         help="add this GPU's measured order to an auto-dispatch table (JSON)")
     args = parser.parse_args(argv)
@@ -148,7 +147,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown parameter sets {unknown}")
     rows, timings = measure(device, sets, dtype, sds=not args.no_sds)
-    path = harness.append_rows(rows, Path(args.out) if args.out else harness.RESULTS_DIR / "backends.csv")
+    path = harness.append_rows(rows, harness.results_path(args.out, "backends.csv"))
     print(f"results appended to {path}")
     orders = rank(timings)
     for op, order in orders.items():

@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro", default="2,4")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
-    ap.add_argument("--out", default=str(harness.RESULTS_DIR / "esam_msam_cpu.csv"))
+    ap.add_argument("--out", default=None, help="CSV file or directory (default: esam_msam_cpu.csv in bench/results/ "
+                    "inside the source tree, else in the current directory)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
                              value=f"{t.median_ms:.4f}", device=dev))
             rows.append(dict(op="train_step", provider=name, size=size, metric="ratio_to_sam",
                              value=f"{t.median_ms / sam_ms:.4f}", device=dev))
-    path = harness.append_rows(rows, args.out)
+    path = harness.append_rows(rows, harness.results_path(args.out, "esam_msam_cpu.csv"))
     print(f"\nrows appended to {path}")
     return 0
 

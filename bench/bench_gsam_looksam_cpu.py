@@ -171,7 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", default="resnet18", choices=sorted(PARAM_SETS), help="parameter set (optimizer part)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--out", default=str(harness.RESULTS_DIR / "gsam_looksam_cpu.csv"))
+    ap.add_argument("--out", default=None, help="CSV file or directory (default: gsam_looksam_cpu.csv in bench/results/ "
+                    "inside the source tree, else in the current directory)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
         rows += measure_training(args.batch, args.rounds)
     if args.part in ("optimizer", "both"):
         rows += measure_optimizer(args.set, args.rounds)
-    path = harness.append_rows(rows, args.out)
+    path = harness.append_rows(rows, harness.results_path(args.out, "gsam_looksam_cpu.csv"))
     print(f"\nrows appended to {path}")
     return 0
 

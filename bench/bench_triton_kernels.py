@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     ap.add_argument("--block", type=int, default=None, help="elements per program (tuning; default: the kernels')")
     ap.add_argument("--num-warps", type=int, default=None, help="warps per program (tuning)")
-    ap.add_argument("--out", default=str(harness.RESULTS_DIR / "triton_kernels.csv"))
+    ap.add_argument("--out", default=None, help="CSV file or directory (default: triton_kernels.csv in bench/results/ "
+                    "inside the source tree, else in the current directory)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_triton_kernels needs a CUDA device (the interpreter's CPU timings mean nothing)")
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     for row in rows:
         if row["provider"] == "triton":
             row["provider"] = f"triton-b{_multi_tensor.BLOCK}w{_multi_tensor.NUM_WARPS}"
-    print(f"rows appended to {harness.append_rows(rows, args.out)}")
+    print(f"rows appended to {harness.append_rows(rows, harness.results_path(args.out, "triton_kernels.csv"))}")
     return 0
 
 

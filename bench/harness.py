@@ -21,7 +21,8 @@ next copy: preparing never warms the cache for the call being timed. On CUDA ``d
 a 256 MB buffer before every call, which flushes the L2 already.
 
 Results are appended as rows ``(op, provider, size, metric, value, device, torch, triton, commit,
-timestamp)`` to a CSV file under ``bench/results/``; every row of one ``fastsam bench`` run shares
+timestamp)`` to a CSV file (``bench/results/`` in a source checkout, else ``--out`` or the current
+directory: [note: where results go]); every row of one ``fastsam bench`` run shares
 one timestamp, which is how plots and the README report find the latest measurement of each
 (device, op, size).
 """
@@ -42,8 +43,18 @@ from typing import Callable
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# [note: where results go] Inside a source checkout (``bench/`` beside ``setup.py``) the stored
+# results live in ``bench/results/``, which the README report and plot read. An installed package
+# (``site-packages/fastsam/bench``) is never written to: results go to ``--out`` or, by default, to
+# ``results.csv`` in the current directory. The default is the source tree's file only while the
+# current directory is inside that tree, so an editable install run from elsewhere behaves like an
+# installed one.
+PACKAGE_DIR = Path(__file__).resolve().parent
+SOURCE_ROOT: Path | None = (PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "setup.py").is_file()
+                            and PACKAGE_DIR.name == "bench" else None)
+RESULTS_DIR = PACKAGE_DIR / "results"          # the source tree's stored results (inside a checkout)
 RESULTS_FILE = RESULTS_DIR / "results.csv"
+RESULTS_NAME = "results.csv"
 FIELDS = ["op", "provider", "size", "metric", "value", "device", "torch", "triton", "commit", "timestamp"]
 
 BASELINE = "baseline-per-param"
@@ -99,6 +110,10 @@ def versions() -> dict:
         triton_version = triton.__version__
     except Exception:
         triton_version = "none"
+    if SOURCE_ROOT is None:  # an installed package: its version, not the git state of whatever encloses it
+        from fastsam.version import __version__
+
+        return {"torch": torch.__version__, "triton": triton_version, "commit": f"fastsam-{__version__}"}
     commit = "unknown"
     try:
         here = Path(__file__).parent
@@ -455,11 +470,48 @@ def fmt(value: float) -> str:
     return f"{value:.6g}"
 
 
+def in_source_tree(path: Path | str | None = None) -> bool:
+    """Whether ``path`` (default: the current directory) lies inside the source checkout."""
+    if SOURCE_ROOT is None:
+        return False
+    path = Path(path or Path.cwd()).resolve()
+    return path == SOURCE_ROOT or SOURCE_ROOT in path.parents
+
+
+def default_results_dir() -> Path:
+    """``bench/results`` when run from inside the source tree, else the current directory."""
+    return RESULTS_DIR if in_source_tree() else Path.cwd()
+
+
+def results_path(out: Path | str | None = None, name: str = RESULTS_NAME) -> Path:
+    """The CSV file a run appends to: ``out`` itself when it names a ``.csv`` file, ``out/name`` when it
+    names a directory, the default directory's ``name`` when it is None (see [note: where results go])."""
+    if out is None:
+        return default_results_dir() / name
+    out = Path(out)
+    return out if out.suffix.lower() == ".csv" else out / name
+
+
+def check_writable_location(path: Path) -> None:
+    if SOURCE_ROOT is None and (path.resolve() == PACKAGE_DIR.parent
+                                or PACKAGE_DIR.parent in path.resolve().parents):
+        raise SystemExit(f"fastsam bench: refusing to write {path} inside the installed package; "
+                         "choose another place with --out")
+
+
 def append_rows(rows: list[dict], path: Path | str | None = None, *, stamp: str | None = None) -> Path:
-    """Append result rows (dicts with FIELDS keys; environment fields filled in) to a CSV file."""
-    path = Path(path) if path else RESULTS_FILE
+    """Append result rows (dicts with FIELDS keys; environment fields filled in) to a CSV file
+    (``path`` as :func:`results_path` reads it)."""
+    path = results_path(path)
+    check_writable_location(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:
+            raise SystemExit(f"fastsam bench: {path} exists and is not a fastsam results file (its header is "
+                             f"{','.join(header)[:80]!r}); choose another file with --out")
     env = versions()
     stamp = stamp or utc_stamp()
     with path.open("a", newline="") as f:
@@ -473,7 +525,8 @@ def append_rows(rows: list[dict], path: Path | str | None = None, *, stamp: str 
 
 
 def read_rows(path: Path | str | None = None) -> list[dict]:
-    path = Path(path) if path else RESULTS_FILE
+    """The stored rows of a results file (``path`` as :func:`results_path` reads it; [] if absent)."""
+    path = results_path(path)
     if not path.exists():
         return []
     with path.open(newline="") as f:
@@ -699,7 +752,8 @@ def kernel_main(doc: str, measure: Callable, argv=None, default_sets=("resnet18"
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--budget", type=float, default=20.0, help="seconds of timing per set (CPU)")
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile providers")
-    ap.add_argument("--out", default=None, help=f"CSV file to append to (default {RESULTS_FILE})")
+    ap.add_argument("--out", default=None, help="CSV file, or directory for results.csv, to append to (default: "
+                                                "bench/results/ inside the source tree, else the current directory)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     for option, values in (choices or {}).items():
         ap.add_argument(f"--{option}", choices=values, default=values[0])

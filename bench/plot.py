@@ -6,7 +6,9 @@ reaches against the parameter set's size (values, log scale); SDS selection time
 size B (log-log); end-to-end throughput as a ratio to SGD per model. Providers keep one colour in
 every panel.
 
-Run: ``python -m fastsam.bench.plot [--results bench/results/results.csv] [--device SUBSTRING]``.
+Run: ``python -m fastsam.bench.plot [--results FILE] [--device SUBSTRING]`` (``--results`` defaults
+as ``fastsam bench --out`` does: ``bench/results/results.csv`` inside the source tree, else
+``results.csv`` in the current directory). Needs matplotlib (``pip install 'fastsam[bench]'``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 from pathlib import Path
 
 from . import harness
@@ -118,8 +121,9 @@ def plot_device(rows: list[dict], device: str, path: Path) -> Path:
 def plot_results(results: Path | str | None = None, out_dir: Path | str | None = None,
                  device: str | None = None) -> list[Path]:
     """Draw one PNG per device (latest run each); returns the paths written."""
-    results = Path(results) if results else harness.RESULTS_FILE
+    results = harness.results_path(results)
     out_dir = Path(out_dir) if out_dir else results.parent
+    harness.check_writable_location(out_dir / "x.png")
     written = []
     for dev, rows in harness.latest_runs(harness.read_rows(results)).items():
         if device and device.lower() not in dev.lower():
@@ -130,11 +134,23 @@ def plot_results(results: Path | str | None = None, out_dir: Path | str | None =
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", default=None, help=f"results CSV (default {harness.RESULTS_FILE})")
+    ap.add_argument("--results", default=None, help="results CSV or its directory (default: bench/results/ inside "
+                                                    "the source tree, else the current directory)")
     ap.add_argument("--out-dir", default=None, help="where the PNGs go (default: next to the results file)")
     ap.add_argument("--device", default=None, help="only devices whose name contains this")
     args = ap.parse_args(argv)
-    written = plot_results(args.results, args.out_dir, args.device)
+    results = harness.results_path(args.results)
+    if not results.is_file():
+        print(f"fastsam.bench.plot: no results file {results}: run `fastsam bench --out {results}` first, "
+              "or pass --results FILE", file=sys.stderr)
+        return 2
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("fastsam.bench.plot: matplotlib is not installed: pip install 'fastsam[bench]' (or matplotlib)",
+              file=sys.stderr)
+        return 2
+    written = plot_results(results, args.out_dir, args.device)
     if not written:
         print("no results to plot")
         return 1

@@ -5,13 +5,18 @@ holds, per device (its latest run in ``bench/results/results.csv``): the optimiz
 (fastest fastsam backend vs the per-parameter baseline and pytorch-optimizer's SAM), SDS
 selection, end-to-end throughput relative to SGD, and the plot made by ``bench/plot.py``.
 
-Run: ``python -m fastsam.bench.report`` (``--print`` writes the block to stdout instead).
+Run: ``python -m fastsam.bench.report [--results FILE] [--readme FILE | --print]``. Defaults: inside
+the source tree, ``bench/results/results.csv`` and the checkout's ``README.md``; elsewhere (an
+installed package), ``results.csv`` and ``README.md`` in the current directory. ``--print`` writes
+the block to stdout instead of rewriting a README.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import sys
 from pathlib import Path
 
 from . import harness
@@ -19,7 +24,7 @@ from .plot import KERNEL_OPS, slug
 
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = harness.SOURCE_ROOT / "README.md" if harness.SOURCE_ROOT else None   # the checkout's, when there is one
 
 
 def _table(header: list[str], body: list[list[str]]) -> list[str]:
@@ -137,14 +142,25 @@ def render(results: Path | str | None = None, png_dir: str | None = "bench/resul
     return "\n".join(lines)
 
 
-def rewrite(readme: Path | str = README, results: Path | str | None = None) -> bool:
+def default_readme() -> Path:
+    """The checkout's README inside the source tree, else ``README.md`` in the current directory."""
+    return README if README is not None and harness.in_source_tree() else Path.cwd() / "README.md"
+
+
+def png_dir_for(readme: Path | str, results: Path | str | None) -> str:
+    """Where the plots (next to the results file) are, as a link relative to the README's folder."""
+    rel = os.path.relpath(harness.results_path(results).resolve().parent, Path(readme).resolve().parent)
+    return Path(rel).as_posix()
+
+
+def rewrite(readme: Path | str | None = None, results: Path | str | None = None) -> bool:
     """Replace the marked block of ``readme``; returns whether the file changed."""
-    readme = Path(readme)
+    readme = Path(readme) if readme else default_readme()
     text = readme.read_text(encoding="utf-8")
     pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block to rewrite")
-    new = pattern.sub(lambda _m: render(results), text, count=1)
+        raise SystemExit(f"fastsam.bench.report: {readme} has no {BEGIN} ... {END} block to rewrite")
+    new = pattern.sub(lambda _m: render(results, png_dir_for(readme, results)), text, count=1)
     if new != text:
         readme.write_text(new, encoding="utf-8")
     return new != text
@@ -152,15 +168,27 @@ def rewrite(readme: Path | str = README, results: Path | str | None = None) -> b
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", default=None, help=f"results CSV (default {harness.RESULTS_FILE})")
-    ap.add_argument("--readme", default=str(README))
+    ap.add_argument("--results", default=None, help="results CSV or its directory (default: bench/results/ inside "
+                                                    "the source tree, else the current directory)")
+    ap.add_argument("--readme", default=None, help="the README to rewrite (default: the checkout's inside the source "
+                                                   "tree, else README.md in the current directory)")
     ap.add_argument("--print", action="store_true", help="print the block instead of rewriting the README")
     args = ap.parse_args(argv)
+    results = harness.results_path(args.results)
+    if not results.is_file():
+        print(f"fastsam.bench.report: no results file {results}: run `fastsam bench --out {results}` first, "
+              "or pass --results FILE", file=sys.stderr)
+        return 2
     if args.print:
-        print(render(args.results))
+        print(render(results, png_dir_for(Path.cwd() / "README.md", results)))
         return 0
-    changed = rewrite(args.readme, args.results)
-    print(f"{args.readme}: {'rewritten' if changed else 'already up to date'}")
+    readme = Path(args.readme) if args.readme else default_readme()
+    if not readme.is_file():
+        print(f"fastsam.bench.report: no README file {readme} to rewrite: pass --readme FILE (one holding the "
+              f"{BEGIN} ... {END} block) or --print", file=sys.stderr)
+        return 2
+    changed = rewrite(readme, results)
+    print(f"{readme}: {'rewritten' if changed else 'already up to date'}")
     return 0
 
 

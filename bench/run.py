@@ -13,10 +13,13 @@ Plans (``--plan``):
 ``tiny``   seconds: a 10-tensor set, two batch sizes, toy end-to-end models (CI uses it).
 =========  =======================================================================================
 
-Results: one row per (op, provider, size, metric) appended to ``bench/results/results.csv`` (or
-``--out``), every row of the run sharing one timestamp; a table is printed at the end. Then
-``python -m fastsam.bench.plot`` draws the PNG and ``python -m fastsam.bench.report`` rewrites the
-README's results block from the stored rows.
+Results: one row per (op, provider, size, metric) appended to ``--out`` (a ``.csv`` file, or a
+directory that gets ``results.csv``); by default ``bench/results/results.csv`` when run inside the
+source tree, else ``results.csv`` in the current directory (never into an installed package). Every
+row of the run shares one timestamp; a table is printed at the end. Then
+``python -m fastsam.bench.plot --results FILE`` draws the PNG next to it and
+``python -m fastsam.bench.report --results FILE`` rewrites the README's results block (``--print``
+writes it to stdout). Also runnable as ``python -m fastsam.bench``.
 """
 
 from __future__ import annotations
@@ -109,7 +112,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                     help="time the torch.compile providers (default: on in the full plan)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--out", default=None, help=f"CSV file to append to (default {harness.RESULTS_FILE})")
+    ap.add_argument("--out", default=None,
+                    help="CSV file, or directory for results.csv, to append to (default: bench/results/ inside the "
+                         "source tree, else the current directory)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -137,6 +142,9 @@ def main(argv=None) -> int:
             print(f"fastsam bench: unknown parameter set(s) {unknown}; choose from {', '.join(PARAM_SETS)}",
                   file=sys.stderr)
             return 2
+    # Where the rows go, checked before minutes of timing: a bad --out fails now, in one line.
+    out = harness.results_path(args.out)
+    harness.check_writable_location(out)
     threads_note = harness.configure_threads(device, args.threads)
     compile_ = plan.compile if args.compile is None else args.compile
 
@@ -161,7 +169,7 @@ def main(argv=None) -> int:
         notes += n
     bar.close()
     rows = [dict(r, device=dev_name) for r in rows]
-    path = harness.append_rows(rows, args.out, stamp=stamp)
+    path = harness.append_rows(rows, out, stamp=stamp)
     print(harness.format_table([r for r in rows if r["op"] != "copy"]))
     for n in dict.fromkeys(notes):
         print("note:", n)
@@ -171,7 +179,8 @@ def main(argv=None) -> int:
               f"ESAM {paper['esam'] / paper['sgd']:.2f}x of SGD")
     print(f"\n{len(rows)} rows appended to {path} (device {dev_name}, timestamp {stamp}) "
           f"in {time.perf_counter() - t_start:.0f} s")
-    print("plot: python -m fastsam.bench.plot    README table: python -m fastsam.bench.report")
+    print(f"plot: python -m fastsam.bench.plot --results {path}    "
+          f"README table: python -m fastsam.bench.report --results {path}")
     return 0
 
 

@@ -239,6 +239,32 @@ void restore_adamw_step_cuda(at::TensorList params, at::TensorList grads, at::Te
                                     stream_on(rows.device())));
 }
 
+void grad_mix_cuda(at::TensorList xs, at::TensorList ys, const at::Tensor& a, const at::Tensor& b, bool swap,
+                   const c10::optional<at::Tensor>& skip) {
+  TensorRows rows(xs, "xs");
+  rows.add(ys, "ys", xs);
+  c10::cuda::CUDAGuard guard(rows.device());
+  const at::Tensor a32 = device_scalar(a, rows.device(), "a");
+  const at::Tensor b32 = device_scalar(b, rows.device(), "b");
+  at::Tensor skip32;
+  if (skip.has_value()) skip32 = device_scalar(*skip, rows.device(), "skip");
+  const GradMixConfig config{a32.data_ptr<float>(), b32.data_ptr<float>(), swap,
+                             skip32.defined() ? skip32.data_ptr<float>() : nullptr};
+  C10_CUDA_CHECK(grad_mix(rows.dtype(), rows.rows(), rows.numels(), rows.size(), config, stream_on(rows.device())));
+}
+
+void ema_direction_cuda(at::TensorList grads, at::TensorList momenta, double sigma, double lmbda,
+                        const c10::optional<at::Tensor>& skip) {
+  TensorRows rows(grads, "grads");
+  rows.add(momenta, "momenta", grads);
+  c10::cuda::CUDAGuard guard(rows.device());
+  at::Tensor skip32;
+  if (skip.has_value()) skip32 = device_scalar(*skip, rows.device(), "skip");
+  C10_CUDA_CHECK(ema_direction(rows.dtype(), rows.rows(), rows.numels(), rows.size(), static_cast<float>(sigma),
+                               static_cast<float>(lmbda), skip32.defined() ? skip32.data_ptr<float>() : nullptr,
+                               stream_on(rows.device())));
+}
+
 // Both losses in one kernel dtype: as given when they already share one, else both as fp32
 // (exactly the torch backend's `.float()` before the subtraction).
 std::pair<at::Tensor, at::Tensor> loss_pair(const at::Tensor& before, const at::Tensor& after) {
@@ -279,6 +305,45 @@ at::Tensor sds_weights_cuda(const at::Tensor& loss_before, const at::Tensor& los
   return out;
 }
 
+// ---- layer-wise perturbation (AWP / WT-AWP / HERO): per_tensor_norm.cu, perturb_per_tensor.cu ----
+
+void check_non_empty(at::TensorList list, const char* name) {
+  for (size_t t = 0; t < list.size(); ++t) {
+    TORCH_CHECK_VALUE(list[t].numel() > 0, "fastsam cuda: ", name, "[", t, "] is empty (the Python op drops "
+                      "empty tensors before calling the kernels)");
+  }
+}
+
+at::Tensor per_tensor_sq_norms_cuda(at::TensorList tensors) {
+  TensorRows rows(tensors, "tensors");
+  check_non_empty(tensors, "tensors");
+  c10::cuda::CUDAGuard guard(rows.device());
+  const int64_t count = per_tensor_norm_partials_count(rows.numels(), rows.size());
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(rows.device());
+  at::Tensor partials = at::empty({count > 0 ? count : 1}, options);
+  at::Tensor out = at::empty({static_cast<int64_t>(tensors.size())}, options);
+  C10_CUDA_CHECK(per_tensor_sq_norms(rows.dtype(), rows.rows(), rows.numels(), rows.size(), partials.data_ptr<float>(),
+                                     out.data_ptr<float>(), stream_on(rows.device())));
+  return out;
+}
+
+void perturb_per_tensor_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                             const at::Tensor& scales) {
+  TensorRows rows(params, "params");
+  rows.add(grads, "grads", params);
+  rows.add(backups, "backups", params);
+  check_non_empty(params, "params");
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.numel() == static_cast<int64_t>(params.size()),
+                    "fastsam cuda: scales must be 1-D with one entry per parameter (", params.size(), "), got ",
+                    scales.sizes());
+  TORCH_CHECK_VALUE(scales.device() == rows.device(), "fastsam cuda: scales is on ", scales.device(), ", expected ",
+                    rows.device());
+  c10::cuda::CUDAGuard guard(rows.device());
+  const at::Tensor scales32 = scales.to(at::kFloat).contiguous();
+  C10_CUDA_CHECK(perturb_per_tensor(rows.dtype(), rows.rows(), rows.numels(), rows.size(), scales32.data_ptr<float>(),
+                                    stream_on(rows.device())));
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fastsam
@@ -292,8 +357,13 @@ TORCH_LIBRARY(fastsam_cuda, m) {
   m.def("restore_(Tensor(a!)[] params, Tensor[] backups) -> ()");
   m.def("restore_sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor(b!)[] momentum_buffers, Tensor? lr_tensor, float lr, float momentum, float dampening, bool nesterov, float weight_decay, bool maximize, bool is_first_step, Tensor? grad_scale, Tensor? found_inf) -> ()");
   m.def("restore_adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] backups, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor? lr_tensor, float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  m.def("grad_mix_(Tensor(a!)[] xs, Tensor(b!)[] ys, Tensor a, Tensor b, bool swap, Tensor? skip) -> ()");
+  m.def("ema_direction_(Tensor(a!)[] grads, Tensor(b!)[] momenta, float sigma, float lmbda, Tensor? skip) -> ()");
   m.def("sds_select(Tensor loss_before, Tensor loss_after, int k) -> Tensor");
   m.def("sds_weights(Tensor loss_before, Tensor loss_after, float temperature) -> Tensor");
+  // layer-wise perturbation (AWP / WT-AWP / HERO)
+  m.def("per_tensor_sq_norms(Tensor[] tensors) -> Tensor");
+  m.def("perturb_per_tensor_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor scales) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsam_cuda, CUDA, m) {
@@ -302,8 +372,13 @@ TORCH_LIBRARY_IMPL(fastsam_cuda, CUDA, m) {
   m.impl("restore_", &fastsam::cuda::restore_cuda);
   m.impl("restore_sgd_step_", &fastsam::cuda::restore_sgd_step_cuda);
   m.impl("restore_adamw_step_", &fastsam::cuda::restore_adamw_step_cuda);
+  m.impl("grad_mix_", &fastsam::cuda::grad_mix_cuda);
+  m.impl("ema_direction_", &fastsam::cuda::ema_direction_cuda);
   m.impl("sds_select", &fastsam::cuda::sds_select_cuda);
   m.impl("sds_weights", &fastsam::cuda::sds_weights_cuda);
+  // layer-wise perturbation (AWP / WT-AWP / HERO)
+  m.impl("per_tensor_sq_norms", &fastsam::cuda::per_tensor_sq_norms_cuda);
+  m.impl("perturb_per_tensor_", &fastsam::cuda::perturb_per_tensor_cuda);
 }
 
 // The Python module fastsam._C (or the JIT build's module) itself is empty: importing it runs the

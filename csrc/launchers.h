@@ -22,7 +22,7 @@ enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class NormMode : int32_t { kPlain = 0, kAdaptive = 1, kFisher = 2 };
 
 // Bumped whenever a signature or schema changes, so a stale build is detected at load time.
-constexpr int64_t kAbiVersion = 1;
+constexpr int64_t kAbiVersion = 2;
 
 // sds_select ranks a batch in one launch up to this size (O(B^2 / #threads) comparisons).
 constexpr int64_t kMaxSdsSelectBatch = 65536;
@@ -92,6 +92,22 @@ struct AdamWConfig {
 cudaError_t restore_adamw_step(DType dtype, void* const* rows, void* const* steps, const int64_t* numels, int n,
                                const AdamWConfig& config, cudaStream_t stream);
 
+// grad_mix: rows [xs, ys]. Unless *skip is non-zero: x = a x + b y, or with swap y = a x + b y and
+// x = y_old. a, b (required) and skip (may be null) are device scalars.
+struct GradMixConfig {
+  const float* a;
+  const float* b;
+  bool swap;
+  const float* skip;
+};
+cudaError_t grad_mix(DType dtype, void* const* rows, const int64_t* numels, int n, const GradMixConfig& config,
+                     cudaStream_t stream);
+
+// ema_direction: rows [grads, momenta]. Unless *skip is non-zero (skip may be null):
+// g = g - sigma m and m = lmbda m + (1 - lmbda) g_old.
+cudaError_t ema_direction(DType dtype, void* const* rows, const int64_t* numels, int n, float sigma, float lmbda,
+                          const float* skip, cudaStream_t stream);
+
 // sds_select: out[0..k) = indices of the k largest s_i = after_i - before_i (fp32), by decreasing s,
 // ties by lower index, NaN ranked as -inf (last). 1 <= k <= batch <= kMaxSdsSelectBatch.
 cudaError_t sds_select(DType dtype, const void* before, const void* after, int32_t batch, int32_t k, int64_t* out,
@@ -100,6 +116,21 @@ cudaError_t sds_select(DType dtype, const void* before, const void* after, int32
 // sds_weights: out = softmax(s / temperature) over the batch, NaN sharpness mapped to -inf.
 cudaError_t sds_weights(DType dtype, const void* before, const void* after, int32_t batch, float temperature,
                         float* out, cudaStream_t stream);
+
+// ---- layer-wise perturbation (AWP / WT-AWP / HERO) ----------------------------------------------
+
+// Number of per-block partial sums per_tensor_sq_norms writes: the size of its `partials` buffer.
+int64_t per_tensor_norm_partials_count(const int64_t* numels, int n);
+
+// per_tensor_norm: rows [tensors], every tensor non-empty; out[t] = sum of tensor t's squares (fp32).
+// Deterministic: per-block partials, then one block per tensor adds its partials in a fixed order.
+cudaError_t per_tensor_sq_norms(DType dtype, void* const* rows, const int64_t* numels, int n, float* partials,
+                                float* out, cudaStream_t stream);
+
+// perturb_per_tensor: rows [params, grads, backups], every tensor non-empty; backup = w and, unless
+// scales[t] is non-finite, w += scales[t] * g (scales: fp32 device vector, one entry per tensor).
+cudaError_t perturb_per_tensor(DType dtype, void* const* rows, const int64_t* numels, int n, const float* scales,
+                               cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastsam

@@ -179,21 +179,34 @@ cudaError_t for_each_launch(void* const* rows, const int64_t* numels, int n, Lau
 // per-thread work on one chunk
 // ------------------------------------------------------------------------------------------
 
-// Loads the first kLists lists of the chunk (the remaining rows of the metadata, if any, hold
-// per-tensor scalars), calls op(values, index) for every element the thread owns, where values[l]
-// is the element of list l in fp32 and index its position in the whole bucket, and stores back the
-// lists whose bit is set in Op::kStores.
+// [note: load mask]
+// An op names the lists it reads in Op::kLoads and the lists it writes in Op::kStores (bit l = list
+// l). Only the read lists are loaded: restore does not read the parameters it overwrites, perturb
+// not the backups, the fused SGD/AdamW steps not the parameters (the new weight comes from the
+// backup), and the found-inf / non-finite-norm copies only their source. An unread list's value is
+// 0 in `values` and the op must not use it. `skip` removes further lists at run time (the momentum
+// buffer on SGD's first step); the compile-time mask is what removes the loads from the code, which
+// tests/test_csrc_sass.py checks on the sm_90 SASS. Alignment is decided over the lists touched.
+// The traffic of an op is then sizeof(T) per element for every bit of kLoads plus every bit of kStores
+// (csrc/README.md tabulates it per op).
+//
+// Loads the read lists among the first kLists lists of the chunk (the remaining rows of the
+// metadata, if any, hold per-tensor scalars), calls op(values, index) for every element the thread
+// owns, where values[l] is the element of list l in fp32 and index its position in the whole
+// bucket, and stores back the lists whose bit is set in Op::kStores.
 template <int kLists, typename T, int kDepth, class Op>
 __host__ __device__ __forceinline__ void apply_chunk(const TensorListMeta<kDepth>& meta, const ChunkRef& c, int tid,
-                                                     int nthreads, Op& op) {
+                                                     int nthreads, Op& op, unsigned skip = 0u) {
   static_assert(kLists <= kDepth, "more lists than metadata rows");
+  static_assert((Op::kLoads >> kLists) == 0u && (Op::kStores >> kLists) == 0u, "load/store mask beyond kLists");
   constexpr int kVec = Pack<T>::kVec;
+  constexpr unsigned kTouched = Op::kLoads | Op::kStores;
   T* ptr[kLists];
   bool aligned = true;
 FASTSAM_UNROLL
   for (int l = 0; l < kLists; ++l) {
     ptr[l] = static_cast<T*>(meta.addresses[l][c.tensor]) + c.start;
-    aligned = aligned && is_aligned16(ptr[l]);
+    if ((kTouched >> l) & 1u) aligned = aligned && is_aligned16(ptr[l]);
   }
   const int64_t first_index = meta.element_offset[c.tensor] + c.start;
   for (int64_t base = static_cast<int64_t>(tid) * kVec; base < c.n; base += static_cast<int64_t>(nthreads) * kVec) {
@@ -201,7 +214,10 @@ FASTSAM_UNROLL
     float x[kLists][kVec];
 FASTSAM_UNROLL
     for (int l = 0; l < kLists; ++l) {
-      if (full) {
+      if (!((Op::kLoads >> l) & 1u) || ((skip >> l) & 1u)) {
+FASTSAM_UNROLL
+        for (int v = 0; v < kVec; ++v) x[l][v] = 0.0f;
+      } else if (full) {
         const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(ptr[l] + base);
 FASTSAM_UNROLL
         for (int v = 0; v < kVec; ++v) x[l][v] = to_float(pack.v[v]);
@@ -283,6 +299,7 @@ FASTSAM_UNROLL
 // found-inf flag (or a non-finite norm) says the arithmetic must be skipped.
 template <int kSrc, int kDst>
 struct CopyOp {
+  static constexpr unsigned kLoads = 1u << kSrc;
   static constexpr unsigned kStores = 1u << kDst;
   __host__ __device__ __forceinline__ void operator()(float* e, int64_t) const { e[kDst] = e[kSrc]; }
 };

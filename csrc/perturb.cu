@@ -27,6 +27,7 @@ struct PerturbArgs {
 // Lists: 0 = params (in/out), 1 = grads, 2 = backups (out).
 template <NormMode kMode, bool kSwp>
 struct PerturbOp {
+  static constexpr unsigned kLoads = (1u << 0) | (1u << 1);  // the backup is only written
   static constexpr unsigned kStores = (1u << 0) | (1u << 2);
   float scale;
   float eta;

@@ -41,6 +41,8 @@ struct AdamWArgs {
 // 5 = max_exp_avg_sqs (amsgrad); all moments in/out.
 template <bool kAmsgrad>
 struct AdamWOp {
+  // Everything but the parameters, which are only written (the new weight comes from the backup).
+  static constexpr unsigned kLoads = (1u << 1) | (1u << 2) | (1u << 3) | (1u << 4) | (kAmsgrad ? (1u << 5) : 0u);
   static constexpr unsigned kStores = (1u << 0) | (1u << 3) | (1u << 4) | (kAmsgrad ? (1u << 5) : 0u);
   float decay;      // 1 - lr * weight_decay
   float step_size;  // lr / (1 - beta1^step)

@@ -31,6 +31,9 @@ struct SgdArgs {
 // Lists: 0 = params (out), 1 = grads, 2 = backups, 3 = momentum buffers (in/out, with momentum).
 template <bool kMomentum>
 struct SgdOp {
+  // The parameters are only written (the new weight comes from the backup); the momentum buffer is
+  // not read on the first step either (see the skip mask in SgdBody::run).
+  static constexpr unsigned kLoads = (1u << 1) | (1u << 2) | (kMomentum ? (1u << 3) : 0u);
   static constexpr unsigned kStores = (1u << 0) | (kMomentum ? (1u << 3) : 0u);
   float lr;
   float momentum;
@@ -79,7 +82,7 @@ struct SgdBody {
     op.nesterov = args.nesterov;
     op.maximize = args.maximize;
     op.is_first_step = args.is_first_step;
-    apply_chunk<kLists, T>(meta, c, tid, nthreads, op);
+    apply_chunk<kLists, T>(meta, c, tid, nthreads, op, kMomentum && args.is_first_step ? (1u << 3) : 0u);
   }
 };
 

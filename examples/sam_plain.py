@@ -1,5 +1,6 @@
 """A plain PyTorch training loop with fastsam.SAM: the two-call form, BatchNorm handled, gradient
-clipping on the second pass, an LR schedule, optional gradient accumulation, and a checkpoint/resume.
+clipping on the second pass, an LR schedule, optional gradient accumulation, a checkpoint/resume, and
+the per-step sharpness L(w + e) - L(w) that every SAM step measures for free (fastsam.sharpness.SharpnessLog).
 
     python examples/sam_plain.py --steps 200
     python examples/sam_plain.py --steps 200 --accumulate 4     # 4 micro-batches per step
@@ -53,6 +54,7 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
     ckpt_path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
     micro = args.batch_size // args.accumulate
+    log = fastsam.sharpness.SharpnessLog()  # device tensors; read on the host only when printed
 
     def loss_on(xb, yb):
         return F.cross_entropy(model(xb), yb) / args.accumulate
@@ -60,15 +62,23 @@ def main(argv=None):
     for step in range(args.steps):
         idx = torch.randint(0, len(y), (args.batch_size,), device=args.device)
         shards = [(x[idx[i:i + micro]], y[idx[i:i + micro]]) for i in range(0, args.batch_size, micro)]
+        loss = perturbed_loss = 0.0
         for xb, yb in shards:                       # first pass: gradient at w, summed over micro-batches
-            loss_on(xb, yb).backward()
-        optimizer.first_step(zero_grad=True)        # perturbation from the unclipped gradient
+            micro_loss = loss_on(xb, yb)
+            micro_loss.backward()
+            loss = loss + micro_loss.detach()
+        optimizer.first_step(zero_grad=True, loss=loss)  # perturbation from the unclipped gradient
         with fastsam.frozen_running_stats(model):   # running statistics from the first pass only
             for xb, yb in shards:                   # second pass: gradient at w + e
-                loss_on(xb, yb).backward()
+                micro_loss = loss_on(xb, yb)
+                micro_loss.backward()
+                perturbed_loss = perturbed_loss + micro_loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)  # clip what the base step uses
-        optimizer.second_step(zero_grad=True)
+        optimizer.second_step(zero_grad=True, loss=perturbed_loss)  # sets optimizer.sharpness (no sync)
+        log.record(optimizer, loss)
         scheduler.step()
+        if (step + 1) % 50 == 0:
+            print(log.format_last())                # e.g. "step 49 loss 0.2 sharpness 0.004"
 
         if step == args.steps // 2:  # save and reload mid-run: the run continues exactly
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -81,6 +91,9 @@ def main(argv=None):
     model.eval()
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
+    summary = log.summary()
+    print(f"mean loss {summary['loss']:.4f}, mean sharpness L(w+e)-L(w) {summary['sharpness']:.5f} "
+          f"over {summary['steps']} steps")
     print(f"train accuracy after {args.steps} SAM steps: {acc:.3f}")
     return acc
 

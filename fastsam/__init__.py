@@ -9,14 +9,17 @@ from . import ops
 from .optim import ASAM, SAM, FisherSAM
 from .optim import ESAM, MSAM
 from . import distributed
+from . import sharpness
 from .optim import GSAM, LookSAM, RhoScheduler
+from .optim import MomentumSAM, MomentumSAMAdamW
 from .utils import disable_running_stats, enable_running_stats, frozen_running_stats
 from .version import __version__
 
 __all__ = [
     "SAM", "ASAM", "FisherSAM",
-    "ESAM", "MSAM", "distributed",
+    "ESAM", "MSAM", "distributed", "sharpness",
     "GSAM", "LookSAM", "RhoScheduler",
+    "MomentumSAM", "MomentumSAMAdamW",
     "ops", "frozen_running_stats", "disable_running_stats", "enable_running_stats",
     "__version__",
 ]

@@ -13,6 +13,10 @@ Where it comes from, first match wins:
 
 Loading is lazy: it happens the first time a backend's availability is asked (the first
 ``backend="auto"`` resolution on a CUDA device, or ``fastsam info``), not at ``import fastsam``.
+
+This module only loads the library and reports on it; it knows nothing of the op layer. The op
+layer (``fastsam/ops/_cuda_common.py``) asks it for the library, registers its own fake
+implementations, and watches :data:`generation` to drop dispatch decisions taken before a load.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import os
 from pathlib import Path
 
 # Must equal kAbiVersion in csrc/launchers.h: a build from other sources is refused, not half-used.
-ABI_VERSION = 1
+ABI_VERSION = 2
 JIT_ENV = "FASTSAM_CUDA_JIT"
 JIT_NAME = "fastsam_cuda_jit"
 
 _module = None
 _reason: str | None = None
+# Bumped whenever the load result changes (a load, a JIT build): callers that cache decisions based
+# on the extension's availability compare it with the value they saw.
+generation = 0
 
 
 def source_dir() -> Path:
@@ -46,8 +53,9 @@ def _loaded_abi() -> int:
 
 
 def _accept(module) -> None:
-    """Check the ABI of a freshly imported extension and finish setting it up."""
-    global _module, _reason
+    """Check the ABI of a freshly imported extension and take it (or record why not)."""
+    global _module, _reason, generation
+    generation += 1
     try:
         abi = _loaded_abi()
     except Exception as exc:
@@ -59,9 +67,6 @@ def _accept(module) -> None:
                                   f"{ABI_VERSION}); rebuild it: `pip install --no-build-isolation -e .`")
         return
     _module, _reason = module, None
-    from fastsam.ops import _cuda_common
-
-    _cuda_common.register_fakes()
 
 
 def load():
@@ -114,9 +119,6 @@ def build_jit(verbose: bool = False):
         _module, _reason = None, f"the JIT build of the CUDA extension failed: {exc.__class__.__name__}: {exc}"
         return None
     _accept(module)
-    from fastsam.ops import _dispatch
-
-    _dispatch.clear_caches()
     return _module
 
 

@@ -3,6 +3,7 @@
     fastsam info     versions, devices, available backends and why others are not
     fastsam train    the built-in main job: SGD vs SAM vs ASAM on noisy digits
     fastsam bench    benchmarks against the baseline and peers (``fastsam bench --help``)
+    fastsam sharpness DIR   m-sharpness, Hessian lambda_max/trace, loss landscape of fastsam train --save DIR
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ def main(argv=None) -> int:
     train.build_parser(sub.add_parser("train", help="train SGD/SAM/ASAM on noisy digits (built-in data)",
                                       description=train.__doc__))
     sub.add_parser("bench", help="benchmarks against the per-parameter baseline and peers", add_help=False)
+    from fastsam.sharpness import cli as sharpness_cli
+
+    sharpness_cli.build_parser(sub.add_parser("sharpness", help="flatness of the models fastsam train --save kept",
+                                              description=sharpness_cli.__doc__))
     if argv[:1] == ["bench"]:  # the benchmark driver owns its options (and its --help)
         from fastsam.bench import run
 
@@ -32,5 +37,7 @@ def main(argv=None) -> int:
         return info.main()
     if args.command == "train":
         return train.main(argv[1:])
+    if args.command == "sharpness":
+        return sharpness_cli.main(argv[1:])
     parser.print_help()
     return 2

@@ -57,8 +57,15 @@ class Emulation:
         lib.fastsam_emu_restore_adamw_step.argtypes = [c_int, vp, vp, i64p, c_int, c_void_p, c_float, c_double,
                                                        c_double, c_float, c_float, c_int, c_int, c_int, c_void_p,
                                                        c_void_p]
+        lib.fastsam_emu_grad_mix.argtypes = [c_int, vp, i64p, c_int, c_void_p, c_void_p, c_int, c_void_p]
+        lib.fastsam_emu_ema_direction.argtypes = [c_int, vp, i64p, c_int, c_float, c_float, c_void_p]
         lib.fastsam_emu_sds_select.argtypes = [c_int, c_void_p, c_void_p, c_int, c_int, c_void_p]
         lib.fastsam_emu_sds_weights.argtypes = [c_int, c_void_p, c_void_p, c_int, c_float, c_void_p]
+        # layer-wise perturbation (AWP / WT-AWP / HERO)
+        lib.fastsam_emu_per_tensor_partials_count.argtypes = [i64p, c_int]
+        lib.fastsam_emu_per_tensor_partials_count.restype = c_int64
+        lib.fastsam_emu_per_tensor_sq_norms.argtypes = [c_int, vp, i64p, c_int, c_void_p, c_void_p]
+        lib.fastsam_emu_perturb_per_tensor.argtypes = [c_int, vp, i64p, c_int, c_void_p]
 
     # ---------------------------------------------------------------- planning and Philox
 
@@ -134,6 +141,18 @@ class Emulation:
             int(amsgrad), int(maximize), int(state_steps[0].dtype == torch.float64), _ptr(grad_scale),
             _ptr(found_inf)), "restore_adamw_step_")
 
+    def grad_mix_(self, xs, ys, a, b, swap, skip):
+        rows, numels, n = _rows(xs, ys)
+        a, b, skip = _scalar(a), _scalar(b), _scalar(skip)
+        _check(self.lib.fastsam_emu_grad_mix(DTYPE_CODES[xs[0].dtype], rows, numels, n, _ptr(a), _ptr(b), int(swap),
+                                             _ptr(skip)), "grad_mix_")
+
+    def ema_direction_(self, grads, momenta, sigma, lmbda, skip):
+        rows, numels, n = _rows(grads, momenta)
+        skip = _scalar(skip)
+        _check(self.lib.fastsam_emu_ema_direction(DTYPE_CODES[grads[0].dtype], rows, numels, n, sigma, lmbda,
+                                                  _ptr(skip)), "ema_direction_")
+
     @staticmethod
     def _losses(before, after):
         if before.dtype in DTYPE_CODES and after.dtype == before.dtype:
@@ -153,6 +172,27 @@ class Emulation:
         _check(self.lib.fastsam_emu_sds_weights(DTYPE_CODES[before.dtype], _ptr(before), _ptr(after), before.numel(),
                                                 temperature, _ptr(out)), "sds_weights")
         return out
+
+    # ---------------------------------------------------------------- layer-wise perturbation (AWP, HERO)
+
+    def per_tensor_sq_norms(self, tensors):
+        if any(t.numel() == 0 for t in tensors):
+            raise ValueError("fastsam cuda: empty tensors are dropped by the Python op before the kernels")
+        rows, numels, n = _rows(tensors)
+        count = int(self.lib.fastsam_emu_per_tensor_partials_count(numels, n))
+        partials = torch.zeros(max(1, count), dtype=torch.float32)
+        out = torch.full((n,), float("nan"), dtype=torch.float32)
+        _check(self.lib.fastsam_emu_per_tensor_sq_norms(DTYPE_CODES[tensors[0].dtype], rows, numels, n,
+                                                        _ptr(partials), _ptr(out)), "per_tensor_sq_norms")
+        return out
+
+    def perturb_per_tensor_(self, params, grads, backups, scales):
+        if any(t.numel() == 0 for t in params):
+            raise ValueError("fastsam cuda: empty tensors are dropped by the Python op before the kernels")
+        rows, numels, n = _rows(params, grads, backups)
+        scales = scales.to(torch.float32).contiguous()
+        _check(self.lib.fastsam_emu_perturb_per_tensor(DTYPE_CODES[params[0].dtype], rows, numels, n, _ptr(scales)),
+               "perturb_per_tensor_")
 
 
 _cached: Emulation | None = None

@@ -14,7 +14,8 @@ from nvcc_tools import (CHECK_ARCHS, CSRC, binding_syntax_check, compile_all, cu
                         kernel_sources)
 
 OPS_WITH_KERNELS = {"grad_norm", "perturb", "restore", "restore_sgd_step", "restore_adamw_step", "sds_select",
-                    "sds_weights"}
+                    "sds_weights", "grad_mix", "ema_direction",
+                    "per_tensor_norm", "perturb_per_tensor"}  # layer-wise perturbation (AWP, HERO)
 
 
 def _nvcc_or_skip() -> str:

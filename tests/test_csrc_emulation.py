@@ -351,3 +351,45 @@ def test_sds_weights(emu, dtype):
             s = after.double() - before.double()
             ref = torch.softmax(torch.where(torch.isnan(s), -math.inf, s) / t, 0)
             torch.testing.assert_close(w.double(), ref, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------- grad_mix, ema_direction
+
+
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_mix(emu, dtype, swap):
+    from test_grad_mix import reference_grad_mix
+
+    gen = torch.Generator().manual_seed(hash((str(dtype), swap, "grad_mix")) % 2 ** 31)
+    for shapes, how in zip(shape_sets(gen), ("mixed", "aligned", "misaligned", "mixed")):
+        xs = layouts(randn_list(shapes, dtype, "cpu", gen), how)
+        ys = randn_list(shapes, dtype, "cpu", gen)
+        x0, y0 = [x.clone() for x in xs], [y.clone() for y in ys]
+        emu.grad_mix_(xs, ys, torch.tensor(9.0), torch.tensor(-8.0), swap, None)
+        ref_x, ref_y = reference_grad_mix(x0, y0, 9.0, -8.0, swap)
+        for x, y, rx, ry in zip(xs, ys, ref_x, ref_y):
+            assert_close_dtype(x, rx, dtype, factor=17)
+            assert_close_dtype(y, ry, dtype, factor=17)
+        skipped = [x.clone() for x in xs]
+        emu.grad_mix_(xs, ys, torch.tensor(2.0), torch.tensor(1.0), swap, torch.tensor(1.0))
+        assert all(torch.equal(x, s) for x, s in zip(xs, skipped))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ema_direction(emu, dtype):
+    from test_ema_direction import reference_ema_direction
+
+    gen = torch.Generator().manual_seed(hash((str(dtype), "ema_direction")) % 2 ** 31)
+    for shapes, how in zip(shape_sets(gen), ("mixed", "aligned", "misaligned", "mixed")):
+        grads = layouts(randn_list(shapes, dtype, "cpu", gen), how)
+        momenta = randn_list(shapes, dtype, "cpu", gen)
+        g0, m0 = [g.clone() for g in grads], [m.clone() for m in momenta]
+        emu.ema_direction_(grads, momenta, 1.0, 0.9, None)
+        ref_d, ref_m = reference_ema_direction(g0, m0, 1.0, 0.9)
+        for g, m, rd, rm in zip(grads, momenta, ref_d, ref_m):
+            assert_close_dtype(g, rd, dtype, factor=2)
+            assert_close_dtype(m, rm, dtype, factor=2)
+        kept = [m.clone() for m in momenta]
+        emu.ema_direction_(grads, momenta, 1.0, 0.9, torch.tensor(1.0))
+        assert all(torch.equal(m, k) for m, k in zip(momenta, kept))

@@ -78,8 +78,13 @@ def fake_extension():
             "restore_": _layout_guard(emu.restore_, list_args=(0, 1)),
             "restore_sgd_step_": _layout_guard(emu.restore_sgd_step_, list_args=(0, 1, 2, 3)),
             "restore_adamw_step_": _layout_guard(emu.restore_adamw_step_, list_args=(0, 1, 2, 3, 4, 5)),
+            "grad_mix_": _layout_guard(emu.grad_mix_, list_args=(0, 1)),
+            "ema_direction_": _layout_guard(emu.ema_direction_, list_args=(0, 1)),
             "sds_select": emu.sds_select,
             "sds_weights": emu.sds_weights,
+            # layer-wise perturbation (AWP / WT-AWP / HERO)
+            "per_tensor_sq_norms": _layout_guard(emu.per_tensor_sq_norms, list_args=(0,)),
+            "perturb_per_tensor_": _layout_guard(emu.perturb_per_tensor_, list_args=(0, 1, 2)),
         }
         for name, schema in binding_schemas().items():
             lib.define(schema)
@@ -91,7 +96,8 @@ def fake_extension():
 
 def test_binding_defines_every_op():
     assert set(binding_schemas()) == {"abi_version", "grad_sq_norm", "perturb_", "restore_", "restore_sgd_step_",
-                                      "restore_adamw_step_", "sds_select", "sds_weights"}
+                                      "restore_adamw_step_", "sds_select", "sds_weights", "grad_mix_",
+                                      "ema_direction_", "per_tensor_sq_norms", "perturb_per_tensor_"}
     names = {name for name, _ in _cuda_common._fakes}
     assert names == set(binding_schemas()) - {"abi_version"}, "every op needs a fake implementation"
 
@@ -185,8 +191,12 @@ def _opcheck_cases():
                               torch.tensor(0.0)),
         "restore_adamw_step_": (p, g, b, m, v, vm, steps, None, 1e-3, 0.9, 0.999, 1e-8, 1e-2, True, False,
                                 torch.tensor(4.0), None),
+        "grad_mix_": (p, g, torch.tensor(0.7), torch.tensor(-0.2), True, torch.tensor(0.0)),
+        "ema_direction_": (g, m, 0.5, 0.9, None),
         "sds_select": (before, after, 10),
         "sds_weights": (before, after, 2.0),
+        "per_tensor_sq_norms": (g,),
+        "perturb_per_tensor_": (p, g, b, torch.tensor([0.5, float("nan")])),
     }
 
 
@@ -194,3 +204,45 @@ def _opcheck_cases():
 def test_opcheck(fake_extension, name):
     """Schema mutation annotations, fake impls and AOT dispatch, as torch.library.opcheck sees them."""
     torch.library.opcheck(_cuda_common.op(name), _opcheck_cases()[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mix_and_ema_backend_functions_through_the_schemas(fake_extension, dtype):
+    from fastsam.ops.ema_direction import ema_direction_cuda
+    from fastsam.ops.grad_mix import grad_mix_cuda
+
+    gen = torch.Generator().manual_seed(3)
+    for swap in (False, True):
+        xs, ys = _lists(SHAPES, dtype, gen, 2)
+        x2, y2 = [x.clone() for x in xs], [y.clone() for y in ys]
+        grad_mix_cuda(xs, ys, torch.tensor(0.7), torch.tensor(-0.2), swap, None)
+        ops.grad_mix_(x2, y2, 0.7, -0.2, swap=swap, backend="torch")
+        for a, b in zip(xs + ys, x2 + y2):
+            assert_close_dtype(a, b.double(), dtype)
+    gs, ms = _lists(SHAPES, dtype, gen, 2)
+    g2, m2 = [g.clone() for g in gs], [m.clone() for m in ms]
+    ema_direction_cuda(gs, ms, 0.5, 0.9, torch.tensor(0.0))
+    ops.ema_direction_(g2, m2, 0.5, 0.9, skip=torch.tensor(0.0), backend="torch")
+    for a, b in zip(gs + ms, g2 + m2):
+        assert_close_dtype(a, b.double(), dtype)
+
+
+# ---- layer-wise perturbation (AWP / WT-AWP / HERO) ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layerwise_backend_functions_through_the_schemas(fake_extension, dtype):
+    from fastsam.ops.per_tensor_norm import per_tensor_sq_norms_cuda
+    from fastsam.ops.perturb_per_tensor import perturb_per_tensor_cuda
+
+    gen = torch.Generator().manual_seed(3)
+    grads, params = _lists(SHAPES, dtype, gen, 2)
+    torch.testing.assert_close(per_tensor_sq_norms_cuda(grads), ops.per_tensor_sq_norms(grads, backend="torch"),
+                               rtol=2e-5, atol=1e-6)
+    scales = torch.tensor([0.1, float("nan"), -0.5, 2.0])
+    mine, ref = [p.clone() for p in params], [p.clone() for p in params]
+    b1, b2 = [torch.empty_like(p) for p in params], [torch.empty_like(p) for p in params]
+    perturb_per_tensor_cuda(mine, grads, b1, scales)
+    ops.perturb_per_tensor_(ref, grads, b2, scales, backend="torch")
+    for a, b in zip(mine, ref):
+        assert_close_dtype(a, b.double(), dtype)
+    assert torch.equal(mine[1], params[1]) and all(torch.equal(a, b) for a, b in zip(b1, b2))

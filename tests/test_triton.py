@@ -59,6 +59,9 @@ def _opcheck_cases():
                                                rand_list(SHAPES, seed=3), rand_list(SHAPES, seed=4), pos(5), pos(6),
                                                steps(), 0.0, torch.tensor(1e-3, device=d), 0.9, 0.99, 1e-8, 0.01,
                                                True, False, None, None),
+        "grad_mix_triton_": lambda: (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2), torch.tensor(0.5, device=d),
+                                     torch.tensor(-2.0, device=d), True, torch.tensor(0.0, device=d)),
+        "ema_direction_triton_": lambda: (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2), 1.0, 0.9, None),
         "sds_select_triton": lambda: (torch.randn(50, device=d), torch.randn(50, device=d), 7),
         "sds_weights_triton": lambda: (torch.randn(50, device=d), torch.randn(50, device=d), 0.5),
     }

@@ -162,6 +162,12 @@ def _probe_calls(op: str, device: torch.device, dtype: torch.dtype, count: int, 
         batch = min(count * numel, 4096)
         before, after = torch.rand(batch, device=device), torch.rand(batch, device=device)
         return (before, after, max(1, batch // 2)) if op == "sds_select" else (before, after, 1.0)
+    if op == "momentum_sam_sgd":
+        return lst(), lst(), lst(0.1), torch.tensor(0.1, device=device), 0.1, 0.9, 5e-4, False
+    if op == "momentum_sam_adamw":
+        return lst(), lst(), lst(0.1), lst(0.01, True), torch.tensor(0.1, device=device), 1e-3, 0.9, 0.999, 1e-8, 1e-2, 3
+    if op == "momentum_sam_shift":
+        return lst(), lst(), torch.tensor(-0.1, device=device), None
     raise KeyError(op)
 
 

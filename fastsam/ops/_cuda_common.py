@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from fastsam import _extension
+
 NAMESPACE = "fastsam_cuda"
 FALLBACK_TAG = "[fastsam:fallback]"
 
@@ -27,10 +29,25 @@ _fakes: list[tuple[str, Callable]] = []
 _registered: set[str] = set()
 
 
+def status() -> tuple[bool, str]:
+    """Load the extension if needed; (usable, reason if not). Registers the fakes once it is loaded."""
+    ok, why = _extension.status()
+    if ok:
+        register_fakes()
+    return ok, why
+
+
+def library():
+    """The loaded extension module, or None (:func:`status` says why)."""
+    return _extension.load() if status()[0] else None
+
+
 def op(name: str):
-    """``torch.ops.fastsam_cuda.<name>``, looked up once."""
+    """``torch.ops.fastsam_cuda.<name>``, looked up once (the fakes are registered by then)."""
     fn = _ops.get(name)
     if fn is None:
+        if _extension.loaded():
+            register_fakes()
         fn = _ops[name] = getattr(getattr(torch.ops, NAMESPACE), name)
     return fn
 
@@ -48,14 +65,12 @@ def call(name: str, args: tuple, fallback: Callable, fallback_args: tuple):
 def fake(name: str) -> Callable[[Callable], Callable]:
     """Decorator: the fake (meta) implementation of ``fastsam_cuda::<name>`` for torch.compile.
 
-    Registered once the extension is loaded (at import when it already is, otherwise by
-    ``fastsam._extension`` right after loading it).
+    Registered once the extension is loaded: at import when it already is, otherwise when the op
+    layer next asks for it (:func:`status`, :func:`op`).
     """
 
     def deco(fn: Callable) -> Callable:
         _fakes.append((name, fn))
-        from fastsam import _extension
-
         if _extension.loaded():
             register_fakes()
         return fn

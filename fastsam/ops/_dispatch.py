@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 
+from fastsam import _extension
+
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "FASTSAM_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -84,6 +86,7 @@ def triton_interpreter_enabled() -> bool:
 
 
 _status_cache: dict[str, tuple[bool, str]] = {}
+_seen_generation = _extension.generation  # of the extension's load state the caches were filled under
 
 
 def backend_status(backend: str) -> tuple[bool, str]:
@@ -100,7 +103,7 @@ def backend_status(backend: str) -> tuple[bool, str]:
             importlib.import_module("fastsam.kernels")
         except Exception as exc:  # ImportError, or a broken install
             status = (False, f"triton is not importable ({exc.__class__.__name__}: {exc}); "
-                             "install it with `pip install triton`")
+                             "install it with `pip install 'fastsam[triton]'`")
         else:
             if torch.cuda.is_available() or triton_interpreter_enabled():
                 status = (True, "")
@@ -108,8 +111,9 @@ def backend_status(backend: str) -> tuple[bool, str]:
                 status = (False, "no CUDA device, and the Triton interpreter is off "
                                  "(set TRITON_INTERPRET=1 before triton is imported to run on CPU)")
     else:  # cuda
-        from fastsam import _extension
-        ok, why = _extension.status()
+        from . import _cuda_common
+
+        ok, why = _cuda_common.status()
         if ok and not torch.cuda.is_available():
             ok, why = False, "the extension is built but no CUDA device is visible"
         status = (ok, why)
@@ -177,6 +181,8 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
     ``backend`` is ``"auto"``/``None`` (``FASTSAM_BACKEND`` applies) or a backend name. Results are
     cached, so calling this once per bucket per step costs a dictionary lookup.
     """
+    if _seen_generation != _extension.generation:  # the extension was (re)loaded since: decide afresh
+        clear_caches()
     name = requested_backend(backend) if backend in (None, "auto") else backend
     key = (op, name, device, dtype)
     hit = _resolved.get(key)
@@ -207,8 +213,10 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
 
 def clear_caches() -> None:
     """Forget availability and resolution results (tests toggling backends use this)."""
+    global _seen_generation
     _status_cache.clear()
     _resolved.clear()
+    _seen_generation = _extension.generation
 
 
 def group_by_device_dtype(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:

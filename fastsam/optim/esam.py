@@ -207,13 +207,13 @@ class ESAM(SAM):
         return out
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None, loss=None) -> None:
         """SWP perturbation ``w -> w + e`` from the gradients in ``.grad`` (see the module docstring)."""
         if self._perturbed is not None:
-            super().first_step(zero_grad, grad_scaler=grad_scaler)  # raises the "called twice" error
+            super().first_step(zero_grad, grad_scaler=grad_scaler, loss=loss)  # raises the "called twice" error
         self._current_draw = self.swp_draw()
         try:
-            super().first_step(zero_grad, grad_scaler=grad_scaler)
+            super().first_step(zero_grad, grad_scaler=grad_scaler, loss=loss)
         finally:
             draw, self._current_draw = self._current_draw, None
         # Only a perturbation that happened consumes a draw (a rejected step leaves the stream as it was).
@@ -267,7 +267,7 @@ class ESAM(SAM):
         batch = loss_before.numel()
         k = ops.sds_k(batch, self.gamma)
 
-        self.first_step(zero_grad=True)
+        self.first_step(zero_grad=True, loss=loss_before.mean())
         try:
             with self._perturbed_pass_context():
                 if k < batch:
@@ -282,7 +282,8 @@ class ESAM(SAM):
             self.restore()
             self._swp_draws -= 1  # the step did not happen: a retry draws the same perturbation
             raise
-        self.second_step()
+        # sharpness: the whole batch's L(w + e) - L(w) (the no-grad pass has every sample when k < B)
+        self.second_step(loss=(loss_after if k < batch else loss_selected.detach()).mean())
         return loss_before.mean()
 
     # ------------------------------------------------------------------ state

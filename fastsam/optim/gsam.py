@@ -78,7 +78,7 @@ class GSAM(SAM):
         """``(<g, g_p>, ||g||^2, ||g_p||^2)`` of the last SAM step, fp32 on the device (None before one)."""
         return self._step_state.variant.get("grad_stats")
 
-    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None, loss=None) -> None:
         """SAM's ``first_step``, keeping a copy of ``g`` for the decomposition in ``second_step``."""
         check_alpha(self.alpha)  # before anything changes
         if self.needs_second_pass and self._perturbed is None:
@@ -86,7 +86,7 @@ class GSAM(SAM):
             params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
             for op in _OPS:
                 resolve_for(self.backend, op, buckets_of(params))
-        super().first_step(zero_grad=False, grad_scaler=grad_scaler)
+        super().first_step(zero_grad=False, grad_scaler=grad_scaler, loss=loss)
         if not self._step_state.cheap_pending:
             self._step_state.variant["first_grads"] = copy_grads_to_buffers(self.backend, list(self._perturbed),
                                                                             self._first_grads)

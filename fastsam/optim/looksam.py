@@ -98,7 +98,7 @@ class LookSAM(SAM):
         _check_every("k", value)
         self.every = value
 
-    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None, loss=None) -> None:
         """SAM's ``first_step`` on SAM steps (keeping ``g``); nothing on cheap steps."""
         check_alpha(self.alpha)  # before anything changes
         if self.needs_second_pass and self._perturbed is None:
@@ -108,7 +108,7 @@ class LookSAM(SAM):
                 resolve_for(self.backend, op, buckets_of(params))
         # g_v = g_s - (<g, g_s>/||g||^2) g carries g_s's scale whatever g's, and cheap steps use
         # g_v / ||g_v||: LookSAM is loss-scale consistent with or without grad_scaler here.
-        super().first_step(zero_grad=False, grad_scaler=grad_scaler)
+        super().first_step(zero_grad=False, grad_scaler=grad_scaler, loss=loss)
         if not self._step_state.cheap_pending:
             # g goes into the g_v buffers, where looksam_orthogonal_ turns it into g_v in place.
             self._set_gv(copy_grads_to_buffers(self.backend, list(self._perturbed), self._gv), None)

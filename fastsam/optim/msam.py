@@ -136,7 +136,7 @@ class MSAM(SAM):
         local = self.dp_perturbation == "local"
         with_grad = torch.enable_grad()(closure)
 
-        total_loss = None
+        total_loss = total_perturbed = None
         accumulated: list = [None] * len(params)  # the running sum of perturbed-point gradients, set aside
         for k, indices in enumerate(shards):
             last = k == m - 1
@@ -148,7 +148,8 @@ class MSAM(SAM):
                 losses.mean().backward()
             losses = losses.detach().mean()
             total_loss = losses if total_loss is None else total_loss + losses
-            self.first_step()
+            # On the last shard both losses handed over are shard means: sharpness = mean_k (L_k(w+e_k) - L_k(w)).
+            self.first_step(loss=total_loss / m if last else None)
             for p, acc in zip(params, accumulated):
                 p.grad = acc
             try:
@@ -159,8 +160,10 @@ class MSAM(SAM):
             except BaseException:
                 self.restore()
                 raise
+            losses = losses.detach()
+            total_perturbed = losses if total_perturbed is None else total_perturbed + losses
             if last:
-                self.second_step()
+                self.second_step(loss=total_perturbed / m)
             else:
                 self.restore()
                 accumulated = [p.grad for p in params]

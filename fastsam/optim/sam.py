@@ -65,6 +65,24 @@ class _StepState:
     step_count: int = 0  # completed steps, SAM and cheap (interval SAM); saved in state_dict()
     cheap_pending: bool = False  # first_step/second_step of a step that perturbs nothing
     variant: dict = field(default_factory=dict)  # subclasses' per-step tensors (GSAM's g, LookSAM's g_v)
+    # Per-step sharpness (see SAM.sharpness): the loss at w given to first_step, then
+    # L(w + e) - L(w) once second_step knows the perturbed loss too. Device tensors, never read.
+    first_loss: torch.Tensor | None = None
+    sharpness: torch.Tensor | None = None
+
+
+def _check_loss(name: str, loss):
+    """A scalar loss (a one-element tensor or a number), detached; None passes. Checks only metadata."""
+    if loss is None:
+        return None
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"{name} must be the scalar loss (a one-element tensor, e.g. the batch mean), got a "
+                             f"tensor of shape {tuple(loss.shape)}")
+        return loss.detach().reshape(())
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise TypeError(f"{name} must be a scalar loss (a tensor or a number), got {type(loss).__name__}")
+    return torch.tensor(float(loss))
 
 
 def _check_every(name: str, value) -> None:
@@ -153,6 +171,19 @@ class SAM(torch.optim.Optimizer):
 
     After ``first_step``, ``grad_norm`` holds the (device) norm used and ``perturbation_skipped`` a
     device bool that is True when the gradient was not finite and the weights were left as they were.
+
+    Per-step sharpness for free: give the step both losses it already has and ``sharpness`` holds
+    ``L(w + e) - L(w)`` (the SAM objective's sharpness term, Foret et al. eq. 1) as a device tensor,
+    computed without a host sync::
+
+        loss = loss_fn(model(x), y); loss.backward()
+        opt.first_step(zero_grad=True, loss=loss)                 # L(w), optional
+        loss_p = loss_fn(model(x), y); loss_p.backward()
+        opt.second_step(zero_grad=True, loss=loss_p)              # L(w + e), optional
+        opt.sharpness                                             # loss_p - loss, on the device
+
+    or ``opt.step(closure, loss=loss)`` (``loss`` is the first-pass loss at ``w``; the closure's
+    return value is the perturbed loss). ``fastsam.sharpness.SharpnessLog`` collects it.
     ``state_dict()`` carries the base optimizer's state (momentum, Adam moments).
 
     With ``every > 1`` (and in subclasses with cheap steps, such as LookSAM) some steps need no
@@ -226,6 +257,18 @@ class SAM(torch.optim.Optimizer):
     def perturbation_skipped(self) -> torch.Tensor | None:
         """Device bool: True when the last first-pass gradient was not finite and nothing moved."""
         return self._step_state.perturbation_skipped
+
+    @property
+    def sharpness(self) -> torch.Tensor | None:
+        """``L(w + e) - L(w)`` of the last step (0-dim, detached, on the losses' device), or None.
+
+        Filled by ``second_step`` when both losses were given (``first_step(loss=...)`` and
+        ``second_step(loss=...)``, or ``step(closure, loss=...)``); optimizers that run their own
+        passes (ESAM, MSAM) always fill it. None after a step that lacked either loss and after a
+        cheap step (interval SAM, LookSAM's reuse steps), which has no perturbed point. The value
+        is never read on the host by fastsam.
+        """
+        return self._step_state.sharpness
 
     @property
     def _perturbed(self) -> dict | None:
@@ -383,8 +426,11 @@ class SAM(torch.optim.Optimizer):
         self._step_state.perturbed = perturbed
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False, *, grad_scaler=None) -> None:
+    def first_step(self, zero_grad: bool = False, *, grad_scaler=None, loss=None) -> None:
         """Compute the global norm, back the weights up and move them to ``w + e``.
+
+        ``loss``: optionally the first-pass loss ``L(w)`` (scalar, unscaled), kept on the device so that
+        ``second_step(loss=L(w + e))`` can fill :attr:`sharpness`.
 
         ``grad_scaler``: the ``torch.amp.GradScaler`` (or its scale, a device tensor) that scaled the
         first-pass loss. The gradients are then unscaled in place, on the device, before perturbing.
@@ -394,6 +440,8 @@ class SAM(torch.optim.Optimizer):
         if self._perturbed is not None:
             raise RuntimeError(f"{type(self).__name__}.first_step() was called twice without second_step(); "
                                "call second_step() (or restore()) before perturbing again")
+        loss = _check_loss("first_step(loss=...)", loss)
+        self._step_state.first_loss = loss if self.needs_second_pass else None
         if not self.needs_second_pass:
             # A cheap step: perturb nothing. second_step steps with the gradient present then.
             self._start_cheap_step()
@@ -461,12 +509,18 @@ class SAM(torch.optim.Optimizer):
         """An error mid-step: put every still-perturbed weight back and forget the step."""
         st = self._step_state
         perturbed, st.perturbed, st.cheap_pending = st.perturbed, None, False
+        st.first_loss = None
         if perturbed:
             self._copy_back(perturbed)
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore the weights and take the base optimizer's step with the perturbed-point gradient."""
+    def second_step(self, zero_grad: bool = False, *, loss=None) -> None:
+        """Restore the weights and take the base optimizer's step with the perturbed-point gradient.
+
+        ``loss``: optionally the second-pass loss ``L(w + e)``; with ``first_step(loss=L(w))`` it sets
+        :attr:`sharpness` to their difference (on the device, no sync).
+        """
+        loss = _check_loss("second_step(loss=...)", loss)
         if self._perturbed is None:
             if self.needs_second_pass:
                 raise RuntimeError(f"{type(self).__name__}.second_step() called without a preceding first_step(): "
@@ -485,6 +539,11 @@ class SAM(torch.optim.Optimizer):
         except BaseException:
             self._abort_step()
             raise
+        st = self._step_state
+        first_loss, st.first_loss = st.first_loss, None
+        st.sharpness = None
+        if first_loss is not None and loss is not None and not st.cheap_pending:
+            st.sharpness = loss - first_loss  # device op (a 0-dim CPU number broadcasts)
         self._step_state.perturbed = None
         self._step_state.cheap_pending = False
         self._step_state.step_count += 1
@@ -575,13 +634,16 @@ class SAM(torch.optim.Optimizer):
         self._opt_called = True
         self.base_optimizer._opt_called = True
 
-    def step(self, closure=None):
+    def step(self, closure=None, *, loss=None):
         """``first_step``, ``closure()`` (second forward/backward, returns the loss), ``second_step``.
 
         Gradients at ``w`` must already be in ``.grad``. Returns the closure's loss. If the closure
         raises, the weights are restored before the exception propagates. On a cheap step
         (``needs_second_pass`` False) the closure is not called, the step uses the gradients in
         ``.grad``, and the return value is None.
+
+        ``loss``: optionally the first-pass loss ``L(w)`` the caller computed before the call. With
+        it, :attr:`sharpness` is the closure's (perturbed) loss minus ``loss``, on the device.
         """
         if closure is None:
             if self._perturbed is not None or not self.needs_second_pass:
@@ -595,14 +657,15 @@ class SAM(torch.optim.Optimizer):
             self.second_step()
             return None
         closure = torch.enable_grad()(closure)
-        self.first_step(zero_grad=True)
+        self.first_step(zero_grad=True, loss=loss)
         try:
-            loss = closure()
+            perturbed_loss = closure()
         except BaseException:
             self._abort_step()
             raise
-        self.second_step()
-        return loss
+        measurable = isinstance(perturbed_loss, torch.Tensor) and perturbed_loss.numel() == 1
+        self.second_step(loss=perturbed_loss if measurable else None)
+        return perturbed_loss
 
     # ------------------------------------------------------------------ state
 

@@ -8,6 +8,8 @@
 // configuration, shared-memory code of the SDS ranking kernel); the GPU tests cover those.
 #define FASTSAM_HOST_EMULATION 1
 
+#include "ema_direction.cu"
+#include "grad_mix.cu"
 #include "grad_norm.cu"
 #include "perturb.cu"
 #include "restore.cu"
@@ -15,6 +17,9 @@
 #include "restore_sgd_step.cu"
 #include "sds_select.cu"
 #include "sds_weights.cu"
+// layer-wise perturbation (AWP / WT-AWP / HERO)
+#include "per_tensor_norm.cu"
+#include "perturb_per_tensor.cu"
 
 using namespace fastsam::cuda;
 
@@ -151,6 +156,32 @@ int fastsam_emu_sds_select(int dtype, const void* before, const void* after, int
 int fastsam_emu_sds_weights(int dtype, const void* before, const void* after, int batch, float temperature,
                             float* out) {
   return launch_sds_weights(HostExec{}, static_cast<DType>(dtype), before, after, batch, temperature, out);
+}
+
+int fastsam_emu_grad_mix(int dtype, void* const* rows, const int64_t* numels, int n, const float* a, const float* b,
+                         int swap, const float* skip) {
+  const GradMixConfig config{a, b, swap != 0, skip};
+  return launch_grad_mix(HostExec{}, static_cast<DType>(dtype), rows, numels, n, config);
+}
+
+int fastsam_emu_ema_direction(int dtype, void* const* rows, const int64_t* numels, int n, float sigma, float lmbda,
+                              const float* skip) {
+  return launch_ema_direction(HostExec{}, static_cast<DType>(dtype), rows, numels, n, sigma, lmbda, skip);
+}
+
+// ---- layer-wise perturbation (AWP / WT-AWP / HERO) ----
+
+int64_t fastsam_emu_per_tensor_partials_count(const int64_t* numels, int n) {
+  return per_tensor_norm_partials_count(numels, n);
+}
+
+int fastsam_emu_per_tensor_sq_norms(int dtype, void* const* rows, const int64_t* numels, int n, float* partials,
+                                    float* out) {
+  return launch_per_tensor_sq_norms(HostExec{}, static_cast<DType>(dtype), rows, numels, n, partials, out);
+}
+
+int fastsam_emu_perturb_per_tensor(int dtype, void* const* rows, const int64_t* numels, int n, const float* scales) {
+  return launch_perturb_per_tensor(HostExec{}, static_cast<DType>(dtype), rows, numels, n, scales);
 }
 
 }  // extern "C"
