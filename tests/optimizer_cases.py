@@ -23,6 +23,10 @@ Contract of an entry (:class:`OptimizerCase`):
     **step_kwargs(batch_size))`` with ``closure(indices=None) -> per-sample losses``. These classes
     must also accept the two-call form (first_step/second_step are inherited from SAM), which is
     how the tests stop a step half-way.
+  - ``"one_pass"``: a plain torch-optimizer step, ``loss.backward(); opt.step()`` (Momentum-SAM,
+    which is not a :class:`fastsam.SAM` and keeps its weights at the ascent point between steps).
+    The SAM-protocol tests (first_step/second_step faults, ``state_dict`` mid-step) skip these; the
+    generic ones (checkpoints, duplicates, ``perturb_eps``, fp64, round trip) run for every case.
 * ``step_kwargs(batch_size) -> dict``: extra arguments of ``step`` (MSAM's ``batch_size``).
 * ``fused_ops``: the ops its ``second_step`` runs besides the restore and the base step, in the
   order they run (``_before_base_step``): the tests inject a failure into each. Cheap-step ops go
@@ -81,6 +85,11 @@ class OptimizerCase:
         return self.name
 
 
+def _one_pass_kwargs(kw: dict, *keep: str) -> dict:
+    """Momentum-SAM takes no base optimizer: keep the options it has (lr, momentum, perturb_eps)."""
+    return {k: v for k, v in kw.items() if k in keep}
+
+
 CASES: list[OptimizerCase] = [
     OptimizerCase("SAM", fastsam.SAM, lambda ps, base, **kw: fastsam.SAM(ps, base, rho=0.05, **kw)),
     OptimizerCase("ASAM", fastsam.ASAM, lambda ps, base, **kw: fastsam.ASAM(ps, base, rho=0.5, **kw)),
@@ -97,6 +106,13 @@ CASES: list[OptimizerCase] = [
                   drive="per_sample", step_kwargs=lambda batch: {"batch_size": batch}),
     OptimizerCase("GSAM", fastsam.GSAM, lambda ps, base, **kw: fastsam.GSAM(ps, base, rho=0.05, alpha=0.3, **kw),
                   fused_ops=("grad_dot", "gsam_combine")),
+    OptimizerCase("MomentumSAM", fastsam.MomentumSAM,
+                  lambda ps, base, **kw: fastsam.MomentumSAM(ps, **_one_pass_kwargs(kw, "lr", "momentum",
+                                                                                    "perturb_eps")),
+                  drive="one_pass"),
+    OptimizerCase("MomentumSAMAdamW", fastsam.MomentumSAMAdamW,
+                  lambda ps, base, **kw: fastsam.MomentumSAMAdamW(ps, **_one_pass_kwargs(kw, "perturb_eps")),
+                  drive="one_pass"),
     OptimizerCase("LookSAM", fastsam.LookSAM, lambda ps, base, **kw: fastsam.LookSAM(ps, base, rho=0.05, k=2, alpha=0.5,
                                                                                      **kw),
                   fused_ops=("grad_dot", "looksam_orthogonal"), cheap_ops=("grad_norm", "looksam_combine")),
@@ -128,6 +144,11 @@ def one_step(case: OptimizerCase, model, opt, x, y, form: str = "auto") -> None:
     ``form``: ``"auto"`` (the class's own protocol: per-sample closure, or the two-call form skipping
     the second pass on cheap steps), ``"closure"`` (``opt.step(closure)``, two-call classes only).
     """
+    if case.drive == "one_pass":
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, x, y).backward()
+        opt.step()
+        return
     if case.drive == "per_sample" and form == "auto":
         opt.step(per_sample_closure(model, x, y), **case.step_kwargs(len(y)))
         return

@@ -47,3 +47,14 @@ def check_scalars(op: str, reference: list[torch.Tensor], name: str, ts: list[to
     for i, t in enumerate(ts):
         if not isinstance(t, torch.Tensor) or t.numel() != 1:
             raise ValueError(f"{op}: {name}[{i}] must be a one-element tensor")
+
+
+def mixed_precision_total(total: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A reduction over a list: fp64 when every tensor is fp64, else fp32 (the documented result dtype).
+
+    Each bucket's partial sum is fp32, or fp64 for an fp64 bucket (see ``scalar_dtype``); adding them
+    would promote a mixed list's total to fp64.
+    """
+    if total.dtype == torch.float64 and any(t.dtype != torch.float64 for t in tensors):
+        return total.float()
+    return total

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_bucket
+from ._checks import check_bucket, mixed_precision_total
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import FP32, is_low_precision, pack_fp32, scalar_dtype
 
@@ -60,7 +60,7 @@ def grad_dot(a: list[torch.Tensor], b: list[torch.Tensor], *, backend: str | Non
         _, fn = resolve("grad_dot", backend, device, dtype)
         part = fn([a[i] for i in idx], [b[i] for i in idx]).to(out_device, non_blocking=True)
         total = part if total is None else total + part
-    return total
+    return mixed_precision_total(total, a)
 
 
 # --------------------------------------------------------------------------------------------

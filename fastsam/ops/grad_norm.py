@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_bucket
+from ._checks import check_bucket, mixed_precision_total
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import FP32, is_low_precision, pack_fp32, scalar_dtype
 
@@ -54,7 +54,7 @@ def grad_sq_norm(grads: list[torch.Tensor], params: list[torch.Tensor] | None = 
         part = fn([grads[i] for i in idx], None if params is None else [params[i] for i in idx], mode, eta)
         part = part.to(out_device, non_blocking=True)
         total = part if total is None else total + part
-    return total
+    return mixed_precision_total(total, grads)
 
 
 def grad_norm(grads: list[torch.Tensor], params: list[torch.Tensor] | None = None, *,

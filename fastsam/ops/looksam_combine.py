@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_bucket
+from ._checks import check_bucket, mixed_precision_total
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import (FP32, add_scaled_or_skip_, as_device_scalar, is_low_precision, pack_fp32,
                             scalar_dtype, unpack_into_)
@@ -62,7 +62,7 @@ def looksam_orthogonal_(gv: list[torch.Tensor], sam_grads: list[torch.Tensor], f
         part = fn([gv[i] for i in idx], [sam_grads[i] for i in idx], [first_grads[i] for i in idx],
                   stats.to(device, non_blocking=True)).to(out_device, non_blocking=True)
         total = part if total is None else total + part
-    return total
+    return mixed_precision_total(total, gv)
 
 
 def looksam_combine_(grads: list[torch.Tensor], gv: list[torch.Tensor], sq_norm_g: torch.Tensor,

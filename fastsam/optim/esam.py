@@ -231,8 +231,9 @@ class ESAM(SAM):
     def step(self, closure=None):
         """One ESAM step driven by ``closure(indices=None) -> per-sample losses``; returns the mean first-pass loss.
 
-        ``.grad`` is cleared at the start; at the end it holds the gradient at ``w + e`` on the
-        selected samples (what the base step used). If anything raises after the perturbation, the
+        ``.grad`` is cleared once the first closure call's output is accepted (a rejected one leaves
+        it as it was); at the end it holds the gradient at ``w + e`` on the selected samples (what
+        the base step used). If anything raises after the perturbation, the
         weights are restored before the exception propagates.
         """
         if closure is None and self._perturbed is not None:

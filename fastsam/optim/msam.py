@@ -115,8 +115,9 @@ class MSAM(SAM):
     def step(self, closure=None, batch_size: int | None = None):
         """One mSAM step (see the class docstring); returns the mean first-pass loss.
 
-        ``.grad`` is cleared at the start and holds ``mean_k grad L_k(w + e_k)`` at the end. If the
-        closure raises while the weights are perturbed, they are restored first.
+        ``.grad`` is cleared once the first closure call's output is accepted (a rejected one leaves
+        it alone) and holds ``mean_k grad L_k(w + e_k)`` at the end. If the closure raises while the
+        weights are perturbed, they are restored first.
         """
         if closure is None and self._perturbed is not None:
             # The two-call form finished by GradScaler.step(opt), which calls step() with no closure.

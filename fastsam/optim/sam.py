@@ -31,7 +31,7 @@ from fastsam import ops
 from fastsam.distributed import check_dp_perturbation
 from fastsam.ops.grad_norm import check_mode
 
-from . import _sharding
+from . import _checkpoint, _sharding
 from .base_step import fused_base_step_for
 
 
@@ -102,43 +102,6 @@ def _check_nonneg(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-# The perturbation scale rho / (norm + eps) is computed in fp32 (fp64 for fp64 parameters). A zero
-# gradient has norm 0, so eps alone must keep the scale finite: eps a normal fp32 number, and
-# rho / eps below fp32's maximum (otherwise inf * 0 turns the weights into NaN).
-_FP32_TINY = 1.1754943508222875e-38
-_FP32_MAX = 3.4028234663852886e38
-
-
-def _check_perturb_eps(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < _FP32_TINY:
-        raise ValueError(f"perturb_eps must be a finite number > 0 (at least {_FP32_TINY:.3g}, a normal fp32 "
-                         f"number): with a zero gradient rho / (0 + perturb_eps) is the scale; got {value!r}")
-
-
-def _group_param_list(param_group: dict) -> list:
-    """The tensors of a param group as torch's ``add_param_group`` will see them (named or not)."""
-    params = param_group["params"]
-    if isinstance(params, torch.Tensor):
-        return [params]
-    if isinstance(params, set):
-        return list(params)  # torch raises its own TypeError for sets
-    params = param_group["params"] = list(params)  # a generator can be read only once
-    return [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
-
-
-def _check_no_duplicates(new_params: list, existing_groups: list) -> None:
-    """A tensor listed twice would be perturbed twice (a perturbation of length sqrt(2) rho)."""
-    seen = {id(p) for g in existing_groups for p in g["params"]}
-    for i, p in enumerate(new_params):
-        if id(p) in seen:
-            shape = tuple(p.shape) if isinstance(p, torch.Tensor) else "?"
-            raise ValueError(f"parameter {i} of the new param group (shape {shape}) appears more than once "
-                             "across the param groups; SAM would perturb it twice. List each parameter once "
-                             "(e.g. deduplicate tied weights)")
-        seen.add(id(p))
-
-
 class SAM(torch.optim.Optimizer):
     r"""Sharpness-Aware Minimization around any base optimizer (drop-in for the common PyTorch SAM).
 
@@ -206,7 +169,7 @@ class SAM(torch.optim.Optimizer):
         _check_every("every", every)
         _check_nonneg("rho", rho)
         _check_nonneg("eta", eta)
-        _check_perturb_eps(perturb_eps)
+        _checkpoint.check_perturb_eps(perturb_eps)
         self._sam_defaults = dict(rho=float(rho), adaptive=bool(adaptive), eta=float(eta))
         base_is_instance = isinstance(base_optimizer, torch.optim.Optimizer)
         if base_is_instance and kwargs:
@@ -250,7 +213,7 @@ class SAM(torch.optim.Optimizer):
 
     @property
     def grad_norm(self) -> torch.Tensor | None:
-        """The global norm the last ``first_step`` used (0-dim fp32 on the device), or None."""
+        """The global norm the last ``first_step`` used (0-dim fp32 on the device; fp64 for fp64 weights), or None."""
         return self._step_state.grad_norm
 
     @property
@@ -341,15 +304,10 @@ class SAM(torch.optim.Optimizer):
         _check_nonneg("rho", group.get("rho"))
         _check_nonneg("eta", group.get("eta"))
         check_mode(self._norm_mode(group), group["eta"])
-        eps = self.__dict__.get("perturb_eps", 1e-12)
-        if group["rho"] / eps > _FP32_MAX:
-            raise ValueError(f"rho={group['rho']!r} with perturb_eps={eps!r}: the scale rho / perturb_eps of a zero "
-                             "gradient overflows fp32 (inf * 0 would give NaN weights); use a larger perturb_eps")
+        _checkpoint.check_rho_over_eps(group["rho"], self.__dict__.get("perturb_eps", 1e-12))
 
     def add_param_group(self, param_group: dict) -> None:
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        _check_no_duplicates(_group_param_list(param_group), self.__dict__.get("param_groups", []))
+        _checkpoint.check_no_duplicates(param_group, self.__dict__.get("param_groups", []))
         base = self.__dict__.get("base_optimizer")
         if base is None:  # during torch.optim.Optimizer.__init__
             super().add_param_group(param_group)
@@ -705,26 +663,6 @@ class SAM(torch.optim.Optimizer):
         """Parameters in state_dict() order (group by group), the indices fastsam's state uses."""
         return [p for group in self.param_groups for p in group["params"]]
 
-    # [note: what load_state_dict checks]
-    # torch's Optimizer.load_state_dict checks the number of groups and of parameters per group, then
-    # casts every state tensor to its parameter's device (and dtype, for floating parameters) without
-    # looking at shapes: a buffer of the wrong shape surfaces at the next step, and in a fused kernel
-    # that walks raw memory it writes out of bounds. So fastsam checks, before anything is loaded:
-    # every state entry under a key that holds one value per parameter element (_PARAM_SHAPED_STATE)
-    # has the parameter's shape and a floating (or, for complex parameters, complex) dtype; a
-    # ``step`` is one element; an AdamW state that is not empty is complete; every merged param group
-    # passes the constructor's checks; subclasses check their own state (_check_extra_state). Then the
-    # load runs, and if anything still fails the optimizer is put back exactly as it was.
-    #
-    # Param-group keys the checkpoint lacks (a stock torch optimizer's has no rho/adaptive/eta, a
-    # davda54/sam one has rho/adaptive only) keep the values this optimizer has, i.e. the ones it
-    # was built with or set since.
-    _PARAM_SHAPED_STATE = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "sum",
-                                     "square_avg", "acc_delta", "grad_avg", "ax", "prev", "step_size", "exp_inf"})
-    # davda54/sam and its forks keep the weights' backup in the optimizer state under this key; it is
-    # stale in a checkpoint (fastsam keeps its backups outside the state), so it is not loaded.
-    _FOREIGN_BACKUP_KEYS = ("old_p",)
-
     def _check_extra_state(self, extra: dict) -> None:
         """Check fastsam's extra state against this optimizer before anything is loaded; subclasses extend it."""
         if not isinstance(extra, dict):
@@ -735,100 +673,45 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"the saved fastsam step counter must be an int >= 0, got {step!r}")
 
     def _checked_state_dict(self, state_dict: dict) -> dict:
-        """A copy of ``state_dict`` ready for torch's loader, or a clear error; modifies nothing."""
+        """A copy of ``state_dict`` ready for torch's loader, or a clear error; modifies nothing.
+
+        See [note: what load_state_dict checks] in ``_checkpoint.py``.
+        """
         from .base_step import ADAMW_STATE_KEYS, FusedAdamWStep
 
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("load_state_dict() needs an optimizer state dict (a dict with 'state' and 'param_groups')")
-        groups, saved_groups = self.param_groups, state_dict["param_groups"]
-        if len(groups) != len(saved_groups):
-            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has "
-                             f"{len(groups)}")
-        merged, labels, id_map = [], {}, {}
-        flat = 0
-        for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(f"loaded state dict's parameter group {gi} has {len(saved['params'])} parameters, "
-                                 f"this optimizer's has {len(group['params'])}")
-            new = dict(saved)
-            for k, v in group.items():
-                if k not in new:
-                    new[k] = v  # a key the checkpoint lacks keeps this optimizer's value
-            self._check_group(new)
-            merged.append(new)
-            names = group.get("param_names")
-            for j, (p, saved_id) in enumerate(zip(group["params"], saved["params"])):
-                name = f", name {names[j]!r}" if names and j < len(names) else ""
-                labels[saved_id] = f"parameter {flat} (group {gi}, position {j}{name})"
-                id_map[saved_id] = p
-                flat += 1
         adamw = isinstance(self._fused_base, FusedAdamWStep)
-        state = {}
-        for k, entry in state_dict["state"].items():
-            p = id_map.get(k)
-            if p is None:
-                state[k] = entry  # torch keeps entries it cannot map; so do we
-                continue
-            if not isinstance(entry, dict):
-                raise ValueError(f"the saved state of {labels[k]} must be a dict, got {type(entry).__name__}")
-            entry = {key: v for key, v in entry.items() if key not in self._FOREIGN_BACKUP_KEYS}
-            for key, v in entry.items():
-                if key in self._PARAM_SHAPED_STATE:
-                    if v is None:
-                        continue
-                    if not isinstance(v, torch.Tensor):
-                        raise ValueError(f"state {key!r} of {labels[k]} must be a tensor, got {type(v).__name__}")
-                    kind_ok = v.is_complex() if p.is_complex() else v.is_floating_point()
-                    if v.shape != p.shape or not kind_ok:
-                        raise ValueError(f"state {key!r} of {labels[k]} has shape {tuple(v.shape)} and dtype "
-                                         f"{v.dtype}, but the parameter has shape {tuple(p.shape)} and dtype "
-                                         f"{p.dtype}; was the checkpoint saved for a model of another size?")
-                elif key == "step":
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        entry[key] = torch.tensor(float(v), dtype=torch.float32)  # old checkpoints: a number
-                    elif not isinstance(v, torch.Tensor) or v.numel() != 1:
-                        raise ValueError(f"state 'step' of {labels[k]} must be a number or a one-element tensor, "
-                                         f"got {v!r}")
-            if adamw and entry:
-                missing = [key for key in ADAMW_STATE_KEYS if key not in entry]
-                if missing:
-                    raise ValueError(f"the saved AdamW state of {labels[k]} lacks {missing} (it has "
-                                     f"{sorted(entry)}); the checkpoint is incomplete")
-            if entry:
-                state[k] = entry
-        extra = state_dict.get(self.EXTRA_STATE_KEY) or {}
-        self._check_extra_state(extra)
-        out = dict(state_dict)
-        out["param_groups"], out["state"] = merged, state
+        out = _checkpoint.checked_state_dict(self, state_dict, self._check_group,
+                                             complete=ADAMW_STATE_KEYS if adamw else (), numeric_step_to_tensor=adamw)
+        self._check_extra_state(state_dict.get(self.EXTRA_STATE_KEY) or {})
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, checked first and atomic: a refused or failed load leaves the optimizer as it was.
 
-        See the note above on what is checked. A stock ``torch.optim`` state dict (e.g. of
-        ``SGD(momentum=0.9)`` or ``AdamW``) and a davda54/sam-style one load too; fastsam's keys
-        they lack keep this optimizer's values.
+        See [note: what load_state_dict checks] in ``_checkpoint.py``. A stock ``torch.optim`` state
+        dict (e.g. of ``SGD(momentum=0.9)`` or ``AdamW``) and a davda54/sam-style one load too;
+        fastsam's keys they lack keep this optimizer's values.
         """
         if self._perturbed is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step(): the weights are "
                                "perturbed; call second_step() or restore() first")
         state_dict = self._checked_state_dict(state_dict)
-        saved_attrs = dict(self.__dict__)
-        saved_base = (self.base_optimizer.param_groups, self.base_optimizer.state)
-        saved_step = dict(self._step_state.__dict__, variant=dict(self._step_state.variant))
-        try:
-            super().load_state_dict(state_dict)
+
+        def load():
+            super(SAM, self).load_state_dict(state_dict)
             self._load_extra_state(state_dict.get(self.EXTRA_STATE_KEY) or {})
             self.base_optimizer.state = self.state
             self.base_optimizer.param_groups = self.param_groups
             for group in self.param_groups:
                 self._check_group(group)
             self._fused_base = fused_base_step_for(self.base_optimizer)
+
+        base = self.base_optimizer
+        saved_base = (base.param_groups, base.state)
+        try:
+            _checkpoint.atomic_load(self, load, mutable=(self._step_state,))
         except BaseException:
-            self.__dict__.clear()
-            self.__dict__.update(saved_attrs)
-            self.base_optimizer.param_groups, self.base_optimizer.state = saved_base
-            self._step_state.__dict__.update(saved_step)
+            base.param_groups, base.state = saved_base
             raise
 
     # Attributes that pickling/deepcopy must carry besides torch's (defaults, state, param_groups).
