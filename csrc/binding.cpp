@@ -294,13 +294,13 @@ at::Tensor sds_select_cuda(const at::Tensor& loss_before, const at::Tensor& loss
 
 at::Tensor sds_weights_cuda(const at::Tensor& loss_before, const at::Tensor& loss_after, double temperature) {
   const int64_t batch = loss_before.numel();
-  TORCH_CHECK_VALUE(batch >= 1 && batch <= INT32_MAX, "fastsam cuda: batch size ", batch, " out of range");
   TORCH_CHECK_VALUE(temperature > 0.0, "fastsam cuda: temperature must be > 0, got ", temperature);
   c10::cuda::CUDAGuard guard(loss_before.device());
   const auto [before, after] = loss_pair(loss_before, loss_after);
   at::Tensor out = at::empty({batch}, before.options().dtype(at::kFloat));
+  if (batch == 0) return out;  // softmax over an empty batch: no weights (as torch.softmax)
   C10_CUDA_CHECK(sds_weights(kernel_dtype(before, "losses"), before.data_ptr(), after.data_ptr(),
-                             static_cast<int32_t>(batch), static_cast<float>(temperature), out.data_ptr<float>(),
+                             batch, static_cast<float>(temperature), out.data_ptr<float>(),
                              stream_on(before.device())));
   return out;
 }

@@ -1,5 +1,6 @@
 // ema_direction: FriendlySAM's d = g - sigma m (written over g) and m = lmbda m + (1 - lmbda) g,
-// one pass over both lists. A set skip flag (device scalar, non-zero) leaves both untouched.
+// one pass over both lists (the EMA in torch's lerp form m + (1 - lmbda)(g - m)). A set skip flag
+// (device scalar, non-zero) leaves both untouched.
 #include "launchers.h"
 #include "multi_tensor_apply.cuh"
 
@@ -23,7 +24,7 @@ struct EmaDirectionOp {
     const float g = e[0];
     const float m = e[1];
     e[0] = g - sigma * m;
-    e[1] = lmbda * m + (1.0f - lmbda) * g;
+    e[1] = m + (1.0f - lmbda) * (g - m);  // lmbda m + (1 - lmbda) g in torch's lerp form
   }
 };
 

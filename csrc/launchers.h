@@ -113,8 +113,8 @@ cudaError_t ema_direction(DType dtype, void* const* rows, const int64_t* numels,
 cudaError_t sds_select(DType dtype, const void* before, const void* after, int32_t batch, int32_t k, int64_t* out,
                        cudaStream_t stream);
 
-// sds_weights: out = softmax(s / temperature) over the batch, NaN sharpness mapped to -inf.
-cudaError_t sds_weights(DType dtype, const void* before, const void* after, int32_t batch, float temperature,
+// sds_weights: out = softmax(s / temperature) over the batch, NaN sharpness mapped to -inf; batch >= 1.
+cudaError_t sds_weights(DType dtype, const void* before, const void* after, int64_t batch, float temperature,
                         float* out, cudaStream_t stream);
 
 // ---- layer-wise perturbation (AWP / WT-AWP / HERO) ----------------------------------------------

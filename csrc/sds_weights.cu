@@ -14,26 +14,26 @@ template <typename T>
 struct SdsWeights {
   const T* before;
   const T* after;
-  int32_t batch;
+  int64_t batch;  // 64-bit indices: `i += nthreads` must not overflow near INT32_MAX
   float temperature;
 
-  __host__ __device__ __forceinline__ float logit(int32_t i) const {
+  __host__ __device__ __forceinline__ float logit(int64_t i) const {
     float s = to_float(after[i]) - to_float(before[i]);
     if (s != s) s = -INFINITY;
     return s / temperature;
   }
   __host__ __device__ float max_partial(int tid, int nthreads) const {
     float m = -INFINITY;
-    for (int32_t i = tid; i < batch; i += nthreads) m = fmaxf(m, logit(i));
+    for (int64_t i = tid; i < batch; i += nthreads) m = fmaxf(m, logit(i));
     return m;
   }
   __host__ __device__ float sum_partial(float max, int tid, int nthreads) const {
     float acc = 0.0f;
-    for (int32_t i = tid; i < batch; i += nthreads) acc += expf(logit(i) - max);
+    for (int64_t i = tid; i < batch; i += nthreads) acc += expf(logit(i) - max);
     return acc;
   }
   __host__ __device__ void write(float max, float sum, float* out, int tid, int nthreads) const {
-    for (int32_t i = tid; i < batch; i += nthreads) out[i] = expf(logit(i) - max) / sum;
+    for (int64_t i = tid; i < batch; i += nthreads) out[i] = expf(logit(i) - max) / sum;
   }
 };
 
@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kBlockSize) sds_weights_kernel(const SdsWeight
 }
 
 template <typename T, class Exec>
-cudaError_t sds_weights_typed(const Exec& exec, const void* before, const void* after, int32_t batch,
+cudaError_t sds_weights_typed(const Exec& exec, const void* before, const void* after, int64_t batch,
                               float temperature, float* out) {
   const SdsWeights<T> w{static_cast<const T*>(before), static_cast<const T*>(after), batch, temperature};
   if constexpr (Exec::kHost) {
@@ -65,7 +65,7 @@ cudaError_t sds_weights_typed(const Exec& exec, const void* before, const void* 
 }
 
 template <class Exec>
-cudaError_t launch_sds_weights(const Exec& exec, DType dtype, const void* before, const void* after, int32_t batch,
+cudaError_t launch_sds_weights(const Exec& exec, DType dtype, const void* before, const void* after, int64_t batch,
                                float temperature, float* out) {
   if (batch < 1 || !(temperature > 0.0f)) return cudaErrorInvalidValue;
   switch (dtype) {
@@ -80,7 +80,7 @@ cudaError_t launch_sds_weights(const Exec& exec, DType dtype, const void* before
 }
 
 #ifndef FASTSAM_HOST_EMULATION
-cudaError_t sds_weights(DType dtype, const void* before, const void* after, int32_t batch, float temperature,
+cudaError_t sds_weights(DType dtype, const void* before, const void* after, int64_t batch, float temperature,
                         float* out, cudaStream_t stream) {
   return launch_sds_weights(DeviceExec{stream}, dtype, before, after, batch, temperature, out);
 }

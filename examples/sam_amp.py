@@ -16,6 +16,10 @@ The pattern (the only change from a plain SAM loop is the scaler calls):
 
 FisherSAM needs the true gradient scale: pass ``grad_scaler=scaler`` to ``first_step`` (it then
 unscales the first-pass gradients in place). GSAM with ``scaler.unscale_`` needs the same.
+
+Per-step sharpness under a GradScaler: give ``first_step(loss=loss)`` the unscaled loss at ``w`` and
+``scaler.step(optimizer, perturbed_loss=loss_at_perturbed_point)`` the one at ``w + e`` (GradScaler
+passes keyword arguments on to ``optimizer.step``); ``optimizer.sharpness`` is then their difference.
 """
 
 import argparse
@@ -45,6 +49,7 @@ def main(argv=None):
     cls = {"sam": fastsam.SAM, "asam": fastsam.ASAM, "fisher": fastsam.FisherSAM}[args.optimizer]
     optimizer = cls(model.parameters(), torch.optim.AdamW, lr=3e-3, weight_decay=1e-2)
     scaler = torch.amp.GradScaler(device.type)
+    log = fastsam.sharpness.SharpnessLog()  # per-step L(w + e) - L(w), kept on the device
 
     for step in range(args.steps):
         idx = torch.randint(0, len(y), (128,), device=device)
@@ -52,18 +57,21 @@ def main(argv=None):
         with torch.autocast(device.type, dtype=amp_dtype):
             loss = F.cross_entropy(model(xb), yb)
         scaler.scale(loss).backward()
-        optimizer.first_step(zero_grad=True, grad_scaler=scaler if args.optimizer == "fisher" else None)
+        optimizer.first_step(zero_grad=True, grad_scaler=scaler if args.optimizer == "fisher" else None,
+                             loss=loss)       # the unscaled loss at w, for optimizer.sharpness
         with torch.autocast(device.type, dtype=amp_dtype):
             loss_perturbed = F.cross_entropy(model(xb), yb)
         scaler.scale(loss_perturbed).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
+        scaler.step(optimizer, perturbed_loss=loss_perturbed)  # GradScaler passes it on to optimizer.step
         scaler.update()
         optimizer.zero_grad()
+        log.record(optimizer, loss)
 
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype):
         acc = (model(x).argmax(1) == y).float().mean().item()
+    print(f"mean sharpness L(w+e)-L(w) over {len(log)} steps: {log.summary()['sharpness']:.5f}")
     print(f"{args.optimizer} with {amp_dtype} autocast and GradScaler: train accuracy {acc:.3f} "
           f"after {args.steps} steps (loss scale {scaler.get_scale():g})")
     return acc

@@ -12,6 +12,10 @@ from . import distributed
 from . import sharpness
 from .optim import GSAM, LookSAM, RhoScheduler
 from .optim import MomentumSAM, MomentumSAMAdamW
+from .optim import AESAM, RandomSwitchSAM
+from .optim import KSAM, SAMPa
+from .optim import AWP, HERO, DeltaSAM
+from .optim import WSAM, FriendlySAM, BSAM
 from .utils import disable_running_stats, enable_running_stats, frozen_running_stats
 from .version import __version__
 
@@ -20,6 +24,9 @@ __all__ = [
     "ESAM", "MSAM", "distributed", "sharpness",
     "GSAM", "LookSAM", "RhoScheduler",
     "MomentumSAM", "MomentumSAMAdamW",
+    "AESAM", "RandomSwitchSAM", "KSAM", "SAMPa",
+    "AWP", "HERO", "DeltaSAM",
+    "WSAM", "FriendlySAM", "BSAM",
     "ops", "frozen_running_stats", "disable_running_stats", "enable_running_stats",
     "__version__",
 ]

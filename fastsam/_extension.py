@@ -129,3 +129,26 @@ def loaded() -> bool:
 
 def status() -> tuple[bool, str]:
     return (load() is not None), (_reason or "")
+
+
+_device_checks: dict[tuple[int, int], tuple[bool, str]] = {}
+
+
+def device_status(index: int) -> tuple[bool, str]:
+    """Whether the loaded extension carries code GPU ``index`` runs (see fastsam/_fatbin.py's note).
+
+    Checked on the first CUDA use of each GPU, whatever ran before (a CPU-only call included), so a
+    build for another architecture falls back instead of failing at its first launch.
+    """
+    key = (generation, index)
+    hit = _device_checks.get(key)
+    if hit is None:
+        import torch
+
+        from fastsam import _fatbin
+
+        major, minor = torch.cuda.get_device_capability(index)
+        path = getattr(_module, "__file__", None)
+        why = _fatbin.incompatibility(path, major, minor) if path else None
+        hit = _device_checks[key] = (not why, why or "")
+    return hit

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 #               opt.needs_second_pass (SAM and every SAM subclass with the two-call form)
 #   "closure":  opt.step(closure) with closure(indices=None) -> per-sample losses (ESAM, MSAM, ...):
 #               the optimizer runs its passes itself
-DRIVES = ("plain", "two_call", "closure")
+#   "loss_closure": opt.step(closure) with closure() -> the loss after its backward (BSAM: its two
+#               gradients are at the noisy and the perturbed weights)
+DRIVES = ("plain", "two_call", "closure", "loss_closure")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class TrainSetup:
     seed: int
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    num_data: int = 0  # training-set size (BSAM's posterior scale); 0 when unknown
 
     @property
     def sgd(self) -> dict:
@@ -113,6 +116,33 @@ register("intervalsam", lambda p, s: _fastsam().SAM(p, torch.optim.SGD, rho=0.05
                                                     **s.sgd), summary="SAM rho=0.05 every 5th step")
 register("momentumsam", lambda p, s: _fastsam().MomentumSAM(p, rho=0.3, backend=s.backend, **s.sgd), "plain",
          summary="Momentum-SAM rho=0.3 (authors' default)")
+register("aesam", lambda p, s: _fastsam().AESAM(p, torch.optim.SGD, rho=0.05, total_steps=s.epochs * s.steps_per_epoch,
+                                                backend=s.backend, **s.sgd),
+         summary="AE-SAM rho=0.05 delta=0.9 lambda -1 -> 1 (paper's CIFAR defaults)")
+register("rst", lambda p, s: _fastsam().RandomSwitchSAM(p, torch.optim.SGD, rho=0.05, probability=0.5, seed=s.seed,
+                                                        backend=s.backend, **s.sgd),
+         summary="RST rho=0.05, SAM with probability 0.5")
+register("ksam", lambda p, s: _fastsam().KSAM(p, torch.optim.SGD, rho=0.05, gamma=0.5, model=s.model, backend=s.backend,
+                                              **s.sgd), "closure", summary="K-SAM rho=0.05, top half of the batch")
+register("wsam", lambda p, s: _fastsam().WSAM(p, torch.optim.SGD, rho=0.05, gamma=0.9, backend=s.backend, **s.sgd),
+         summary="WSAM rho=0.05 gamma=0.9, decoupled")
+register("friendlysam", lambda p, s: _fastsam().FriendlySAM(p, torch.optim.SGD, rho=0.05, sigma=1.0, lmbda=0.9,
+                                                            backend=s.backend, **s.sgd),
+         summary="FriendlySAM rho=0.05 sigma=1 lmbda=0.9")
+register("bsam", lambda p, s: _fastsam().BSAM(p, max(1, s.num_data), lr=0.5, rho=0.05, weight_decay=s.weight_decay,
+                                              damping=0.1, seed=s.seed, backend=s.backend), "loss_closure",
+         summary="bSAM (authors' algorithm) lr=0.5 rho=0.05 damping=0.1")
+# layer-wise perturbation (AWP / WT-AWP, HERO) and δ-SAM
+register("awp", lambda p, s: _fastsam().AWP(p, torch.optim.SGD, rho=5e-3, backend=s.backend, **s.sgd),
+         summary="AWP rho=5e-3 (relative to each layer's norm; the authors' gamma)")
+register("wtawp", lambda p, s: (lambda ps: _fastsam().AWP(ps, torch.optim.SGD, rho=5e-3, lmbda=0.5, truncate=ps[-2:],
+                                                           backend=s.backend, **s.sgd))(list(p)),
+         summary="WT-AWP rho=5e-3 lmbda=0.5, output layer truncated")
+register("hero", lambda p, s: _fastsam().HERO(p, torch.optim.SGD, rho=0.01, gamma=1.0, backend=s.backend, **s.sgd),
+         summary="HERO rho=0.01 gamma=1 (layer-wise perturbation)")
+register("deltasam", lambda p, s: _fastsam().DeltaSAM(p, torch.optim.SGD, rho=0.05, temperature=1.0, model=s.model,
+                                                      backend=s.backend, **s.sgd), "closure",
+         summary="δ-SAM rho=0.05 temperature=1")
 
 
 def load_digits_tensors(noise: float, seed: int, device: torch.device):
@@ -155,12 +185,12 @@ class DigitsNet(nn.Module):
 
 
 def make_optimizer(name: str, params, lr: float, backend: str, model=None, *, epochs: int = 1,
-                   steps_per_epoch: int = 1, seed: int = 0):
+                   steps_per_epoch: int = 1, seed: int = 0, num_data: int = 0):
     """The registered optimizer ``name`` over ``params`` (see ``register``)."""
     entry = OPTIMIZERS.get(name)
     if entry is None:
         raise ValueError(f"unknown optimizer {name!r}; choose from {','.join(OPTIMIZERS)}")
-    return entry.build(params, TrainSetup(lr, backend, model, epochs, steps_per_epoch, seed))
+    return entry.build(params, TrainSetup(lr, backend, model, epochs, steps_per_epoch, seed, num_data=num_data))
 
 
 @dataclass
@@ -214,7 +244,8 @@ class _Run:
         self.model.load_state_dict(init_state)
         steps_per_epoch = math.ceil(len(y_train) / args.batch_size)
         self.opt = make_optimizer(name, self.model.parameters(), args.lr, args.backend, model=self.model,
-                                  epochs=args.epochs, steps_per_epoch=steps_per_epoch, seed=seed)
+                                  epochs=args.epochs, steps_per_epoch=steps_per_epoch, seed=seed,
+                                  num_data=len(y_train))
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=args.epochs)
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.best, self.acc, self.epoch_times, self.images = 0.0, 0.0, [], 0
@@ -241,6 +272,15 @@ class _Run:
                     return F.cross_entropy(model(xs), ys, reduction="none")
 
                 opt.step(closure, **(entry.step_kwargs(len(yb)) if entry.step_kwargs else {}))
+                continue
+            if entry.drive == "loss_closure":
+                def loss_closure(xb=xb, yb=yb):
+                    loss = F.cross_entropy(model(xb), yb)
+                    loss.backward()
+                    return loss
+
+                opt.step(loss_closure)
+                opt.zero_grad(set_to_none=True)
                 continue
             F.cross_entropy(model(xb), yb).backward()
             if entry.drive == "plain":
@@ -358,7 +398,7 @@ def _save(r: _Run, args) -> None:
     from fastsam.sharpness.cli import save_model
 
     os.makedirs(args.save, exist_ok=True)
-    eval_weights = getattr(r.opt, "evaluation_weights", None)
+    eval_weights = getattr(r.opt, "unperturbed", None)  # Momentum-SAM: w, not the ascent point
     with eval_weights() if eval_weights is not None else contextlib.nullcontext():
         save_model(os.path.join(args.save, f"{r.name}-seed{r.seed}.pt"), optimizer=r.name, seed=r.seed,
                    noise=args.noise, model=r.model, test_accuracy=r.acc, epochs=args.epochs)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
+from ._multi_tensor import block_size, copy_back, dense_lists, launch_table, table, tl_dtype
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def _ema_direction_block(g_ptr, m_ptr, offs, mask, sigma, lmbda):
     g = g_raw.to(tl.float32)
     m = m_raw.to(tl.float32)
     tl.store(g_ptr + offs, (g - sigma * m).to(g_raw.dtype), mask=mask)
-    tl.store(m_ptr + offs, (lmbda * m + (1.0 - lmbda) * g).to(m_raw.dtype), mask=mask)
+    tl.store(m_ptr + offs, (m + (1.0 - lmbda) * (g - m)).to(m_raw.dtype), mask=mask)  # torch's lerp form
 
 
 @triton.jit
@@ -56,8 +56,8 @@ def ema_direction_(grads, momenta, sigma: float, lmbda: float, skip: torch.Tenso
         block = block_size(device)
         tab = table([gs, ms], block)
         skip_arg = tab.meta if skip is None else skip.to(device=device, dtype=torch.float32).reshape(())
-        launch(ema_direction_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, float(sigma), float(lmbda), skip_arg,
-               DTYPE=tl_dtype(gs[0].dtype), HAS_SKIP=skip is not None, ALIGN=alignment(tab), BLOCK=block)
+        launch_table(ema_direction_kernel, tab, float(sigma), float(lmbda), skip_arg,
+                     DTYPE=tl_dtype(gs[0].dtype), HAS_SKIP=skip is not None, BLOCK=block)
     copy_back(write_back)
 
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
+from ._multi_tensor import block_size, copy_back, dense_lists, launch_table, table, tl_dtype
 
 
 @triton.jit
@@ -62,8 +62,8 @@ def grad_mix_(xs, ys, a: torch.Tensor, b: torch.Tensor, swap: bool, skip: torch.
         a = a.to(device=device, dtype=torch.float32).reshape(())
         b = b.to(device=device, dtype=torch.float32).reshape(())
         skip_arg = a if skip is None else skip.to(device=device, dtype=torch.float32).reshape(())
-        launch(grad_mix_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, a, b, skip_arg, DTYPE=tl_dtype(x[0].dtype),
-               SWAP=bool(swap), HAS_SKIP=skip is not None, ALIGN=alignment(tab), BLOCK=block)
+        launch_table(grad_mix_kernel, tab, a, b, skip_arg, DTYPE=tl_dtype(x[0].dtype),
+                     SWAP=bool(swap), HAS_SKIP=skip is not None, BLOCK=block)
     copy_back(write_back)
 
 

@@ -6,10 +6,14 @@ Per element, summed over every tensor of the bucket (see the op's docstring for 
 * adaptive: ``((|w| + eta) g)^2``
 * fisher:   ``g^2 / (1 + eta g^2)``
 
-Two launches per bucket whatever the number of tensors: ``grad_sq_norm_partials_kernel`` writes
-one fp32 partial sum per block (one program per block of one tensor, via the pointer table of
-``_multi_tensor``), and ``sum_partials_kernel`` adds the partials in a fixed order in a single
-program. No atomics, so the result is bitwise reproducible; it stays on the device.
+A constant number of launches per bucket whatever the number of tensors:
+``grad_sq_norm_partials_kernel`` writes one fp32 partial sum per block (one program per block of one
+tensor, via the pointer table of ``_multi_tensor``; one launch per alignment part), then
+``sum_partials_kernel`` adds them as a fixed-shape tree: every program sums ``REDUCE_BLOCK``
+consecutive partials, level after level, until one value is left. A 7B-parameter bucket has
+about 3.4M partials (2048 elements a block): three levels of 3.4k, 4 and 1 programs, where a
+single program would stream all 3.4M partials on one SM. No atomics and a fixed order, so the
+result is bitwise reproducible; it stays on the device.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import alignment, block_size, dense_lists, launch, table, tl_dtype
+from ._multi_tensor import block_size, dense_lists, launch, table, tl_dtype
 
 MODES = {"plain": 0, "adaptive": 1, "fisher": 2}
 REDUCE_BLOCK = 1024
@@ -62,12 +66,22 @@ def grad_sq_norm_partials_kernel(meta, n_tensors, partials, eta, DTYPE: tl.const
 
 @triton.jit
 def sum_partials_kernel(partials, n, out, BLOCK: tl.constexpr):
-    """``out = sum(partials[:n])`` in one program: a fixed order, so a reproducible result."""
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(partials + offs, mask=offs < n, other=0.0)
-    tl.store(out, tl.sum(acc, axis=0))
+    """``out[p] = sum(partials[p * BLOCK:(p + 1) * BLOCK])``: one level of the reduction tree."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out + pid, tl.sum(tl.load(partials + offs, mask=offs < n, other=0.0), axis=0))
+
+
+def sum_tree_(partials: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = sum(partials)`` (0-dim fp32) by levels of ``REDUCE_BLOCK``-wide sums: a fixed order."""
+    n = partials.numel()
+    while True:
+        m = triton.cdiv(n, REDUCE_BLOCK)
+        level = out if m == 1 else torch.empty(m, dtype=torch.float32, device=partials.device)
+        launch(sum_partials_kernel, (m,), partials, n, level, BLOCK=REDUCE_BLOCK)
+        if m == 1:
+            return
+        partials, n = level, m
 
 
 def grad_sq_norm(grads: list[torch.Tensor], params: list[torch.Tensor], mode: str, eta: float) -> torch.Tensor:
@@ -82,9 +96,11 @@ def grad_sq_norm(grads: list[torch.Tensor], params: list[torch.Tensor], mode: st
     block = block_size(device)
     tab = table(lists, block)
     partials = torch.empty(tab.n_blocks, dtype=torch.float32, device=device)
-    launch(grad_sq_norm_partials_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, partials, float(eta),
-           DTYPE=tl_dtype(grads[0].dtype), MODE=mode_id, N_LISTS=len(lists), ALIGN=alignment(tab), BLOCK=block)
-    launch(sum_partials_kernel, (1,), partials, tab.n_blocks, out, BLOCK=REDUCE_BLOCK)
+    for part in tab.parts:
+        launch(grad_sq_norm_partials_kernel, (part.n_blocks,), part.meta, part.n_tensors,
+               partials[part.first_block:], float(eta), DTYPE=tl_dtype(grads[0].dtype), MODE=mode_id,
+               N_LISTS=len(lists), ALIGN=part.align, BLOCK=block)
+    sum_tree_(partials, out)
     return out
 
 

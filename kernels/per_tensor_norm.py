@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import alignment, block_size, dense_lists, launch, table, tl_dtype
+from ._multi_tensor import block_size, dense_lists, launch_table, launch, table, tl_dtype
 from .grad_norm import MODES, grad_sq_norm_partials_kernel
 
 SEGMENT_BLOCK = 256
@@ -42,11 +42,12 @@ def per_tensor_sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
         raise ValueError("per_tensor_norm's Triton kernels take non-empty tensors (the op wrapper drops empty ones)")
     out = torch.empty(len(xs), dtype=torch.float32, device=device)
     block = block_size(device)
-    tab = table([xs], block)
+    tab = table([xs], block, split=False)  # one part: out[t] is the table's tensor t
     partials = torch.empty(tab.n_blocks, dtype=torch.float32, device=device)
-    launch(grad_sq_norm_partials_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, partials, 0.0,
-           DTYPE=tl_dtype(xs[0].dtype), MODE=MODES["plain"], N_LISTS=1, ALIGN=alignment(tab), BLOCK=block)
-    launch(segment_sums_kernel, (tab.n_tensors,), tab.meta, tab.n_tensors, partials, out, N_LISTS=1,
+    launch_table(grad_sq_norm_partials_kernel, tab, partials, 0.0, DTYPE=tl_dtype(xs[0].dtype), MODE=MODES["plain"],
+                 N_LISTS=1, BLOCK=block)
+    part = tab.parts[0]
+    launch(segment_sums_kernel, (part.n_tensors,), part.meta, part.n_tensors, partials, out, N_LISTS=1,
            ELEM_BLOCK=block, BLOCK=SEGMENT_BLOCK)
     return out
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
+from ._multi_tensor import block_size, copy_back, dense_lists, launch_table, table, tl_dtype
 from .grad_norm import MODES
 
 
@@ -83,9 +83,8 @@ def perturb_(params, grads, backups, norm: torch.Tensor, rho: float, mode: str, 
         block = block_size(device)
         tab = table([ps, gs, bs], block)
         norm = norm.to(device=device, dtype=torch.float32).reshape(())
-        launch(perturb_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, norm, float(rho), float(eta), float(eps),
-               float(beta), _as_int64(seed), int(offset), DTYPE=tl_dtype(ps[0].dtype), MODE=MODES[mode],
-               SWP=beta < 1.0, ALIGN=alignment(tab), BLOCK=block)
+        launch_table(perturb_kernel, tab, norm, float(rho), float(eta), float(eps), float(beta), _as_int64(seed),
+                     int(offset), DTYPE=tl_dtype(ps[0].dtype), MODE=MODES[mode], SWP=beta < 1.0, BLOCK=block)
     copy_back(write_back)
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
+from ._multi_tensor import block_size, copy_back, dense_lists, launch_table, table, tl_dtype
 
 
 @triton.jit
@@ -52,10 +52,9 @@ def perturb_per_tensor_(params, grads, backups, scales: torch.Tensor) -> None:
         raise ValueError("perturb_per_tensor's Triton kernel takes non-empty tensors (the op wrapper drops empty ones)")
     device = ps[0].device
     block = block_size(device)
-    tab = table([ps, gs, bs], block)
+    tab = table([ps, gs, bs], block, split=False)  # one part: scales[t] is the table's tensor t
     scales = scales.to(device=device, dtype=torch.float32).contiguous()
-    launch(perturb_per_tensor_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, scales, DTYPE=tl_dtype(ps[0].dtype),
-           ALIGN=alignment(tab), BLOCK=block)
+    launch_table(perturb_per_tensor_kernel, tab, scales, DTYPE=tl_dtype(ps[0].dtype), BLOCK=block)
     copy_back(write_back)
 
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
+from ._multi_tensor import block_size, copy_back, dense_lists, launch_table, table, tl_dtype
 
 
 @triton.jit
@@ -38,8 +38,7 @@ def restore_(params, backups) -> None:
     if ps:
         block = block_size(ps[0].device)
         tab = table([ps, bs], block)
-        launch(restore_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, DTYPE=tl_dtype(ps[0].dtype),
-               ALIGN=alignment(tab), BLOCK=block)
+        launch_table(restore_kernel, tab, DTYPE=tl_dtype(ps[0].dtype), BLOCK=block)
     copy_back(write_back)
 
 

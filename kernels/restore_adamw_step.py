@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
+from ._multi_tensor import block_size, copy_back, dense_lists, launch, launch_table, table, tl_dtype
 
 STEP_BLOCK = 1024
 _STEP_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -165,7 +165,7 @@ def restore_adamw_step_(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_a
     dummy = None
     if lists[0]:
         block = block_size(device)
-        tab = table(lists, block)
+        tab = table(lists, block, address_only=(len(lists) - 1,))  # the step counters: addresses only
         dummy = tab.meta  # stands in for absent device scalars; never read
 
         def scalar(x):
@@ -173,16 +173,15 @@ def restore_adamw_step_(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_a
 
         b1_hi, b1_lo = _fp32_pair(_ln(beta1))
         b2_hi, b2_lo = _fp32_pair(_ln(beta2))
-        launch(restore_adamw_step_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, float(lr), scalar(lr_tensor),
-               float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), b1_hi, b1_lo, b2_hi, b2_lo,
-               float(eps), float(weight_decay), scalar(grad_scale), scalar(found_inf), DTYPE=tl_dtype(params[0].dtype),
-               STEP_DTYPE=_STEP_DTYPES[step_dtype], N_LISTS=len(lists), LR_ON_DEVICE=lr_tensor is not None,
-               AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None,
-               HAS_FOUND_INF=found_inf is not None, HAS_WEIGHT_DECAY=weight_decay != 0, ALIGN=alignment(tab),
-               BLOCK=block)
+        launch_table(restore_adamw_step_kernel, tab, float(lr), scalar(lr_tensor),
+                     float(beta1), 1.0 - float(beta1), float(beta2), 1.0 - float(beta2), b1_hi, b1_lo, b2_hi, b2_lo,
+                     float(eps), float(weight_decay), scalar(grad_scale), scalar(found_inf), DTYPE=tl_dtype(params[0].dtype),
+                     STEP_DTYPE=_STEP_DTYPES[step_dtype], N_LISTS=len(lists), LR_ON_DEVICE=lr_tensor is not None,
+                     AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None,
+                     HAS_FOUND_INF=found_inf is not None, HAS_WEIGHT_DECAY=weight_decay != 0, BLOCK=block)
     copy_back(write_back)
     # Every counter moves, empty parameters' included (as in torch).
-    step_table = table([steps], 1)
+    step_table = table([steps], 1, address_only=(0,))  # one part: row 0 is every counter's address
     launch(increment_steps_kernel, (triton.cdiv(len(steps), STEP_BLOCK),), step_table.meta, len(steps),
            step_table.meta if found_inf is None else found_inf.to(device=device).reshape(()),
            STEP_DTYPE=_STEP_DTYPES[step_dtype], HAS_FOUND_INF=found_inf is not None, BLOCK=STEP_BLOCK)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._multi_tensor import alignment, block_size, copy_back, dense_lists, launch, table, tl_dtype
+from ._multi_tensor import block_size, copy_back, dense_lists, launch_table, table, tl_dtype
 
 
 @triton.jit
@@ -108,12 +108,12 @@ def restore_sgd_step_(params, grads, backups, momentum_buffers, lr, lr_tensor, m
         def scalar(x):
             return dummy if x is None else x.to(device=device).reshape(())
 
-        launch(restore_sgd_step_kernel, (tab.n_blocks,), tab.meta, tab.n_tensors, float(lr), scalar(lr_tensor),
-               float(momentum), 1.0 - float(dampening), float(weight_decay), scalar(grad_scale), scalar(found_inf),
-               DTYPE=tl_dtype(params[0].dtype), N_LISTS=len(lists), LR_ON_DEVICE=lr_tensor is not None,
-               HAS_MOMENTUM=has_momentum, FIRST=bool(is_first_step), NESTEROV=bool(nesterov),
-               MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-               HAS_WEIGHT_DECAY=weight_decay != 0, ALIGN=alignment(tab), BLOCK=block)
+        launch_table(restore_sgd_step_kernel, tab, float(lr), scalar(lr_tensor),
+                     float(momentum), 1.0 - float(dampening), float(weight_decay), scalar(grad_scale), scalar(found_inf),
+                     DTYPE=tl_dtype(params[0].dtype), N_LISTS=len(lists), LR_ON_DEVICE=lr_tensor is not None,
+                     HAS_MOMENTUM=has_momentum, FIRST=bool(is_first_step), NESTEROV=bool(nesterov),
+                     MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+                     HAS_WEIGHT_DECAY=weight_decay != 0, BLOCK=block)
     copy_back(write_back)
 
 

@@ -48,6 +48,8 @@ def sds_weights(loss_before: torch.Tensor, loss_after: torch.Tensor, temperature
     before, after = loss_before.contiguous(), loss_after.contiguous()
     n = before.numel()
     out = torch.empty(n, dtype=torch.float32, device=before.device)
+    if n == 0:  # softmax over an empty batch: no weights, and no launch (a BLOCK of 0 does not compile)
+        return out
     launch(sds_weights_kernel, (1,), before, after, n, float(temperature), out,
            BLOCK=min(BLOCK, triton.next_power_of_2(n)))
     return out

@@ -60,7 +60,7 @@ class Emulation:
         lib.fastsam_emu_grad_mix.argtypes = [c_int, vp, i64p, c_int, c_void_p, c_void_p, c_int, c_void_p]
         lib.fastsam_emu_ema_direction.argtypes = [c_int, vp, i64p, c_int, c_float, c_float, c_void_p]
         lib.fastsam_emu_sds_select.argtypes = [c_int, c_void_p, c_void_p, c_int, c_int, c_void_p]
-        lib.fastsam_emu_sds_weights.argtypes = [c_int, c_void_p, c_void_p, c_int, c_float, c_void_p]
+        lib.fastsam_emu_sds_weights.argtypes = [c_int, c_void_p, c_void_p, c_int64, c_float, c_void_p]
         # layer-wise perturbation (AWP / WT-AWP / HERO)
         lib.fastsam_emu_per_tensor_partials_count.argtypes = [i64p, c_int]
         lib.fastsam_emu_per_tensor_partials_count.restype = c_int64
@@ -169,6 +169,8 @@ class Emulation:
     def sds_weights(self, loss_before, loss_after, temperature):
         before, after = self._losses(loss_before, loss_after)
         out = torch.empty(before.numel(), dtype=torch.float32)
+        if before.numel() == 0:  # as the binding: no launch for an empty batch
+            return out
         _check(self.lib.fastsam_emu_sds_weights(DTYPE_CODES[before.dtype], _ptr(before), _ptr(after), before.numel(),
                                                 temperature, _ptr(out)), "sds_weights")
         return out

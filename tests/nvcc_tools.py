@@ -147,60 +147,6 @@ def binding_syntax_check(cxx: str, cuda_include: Path) -> tuple[bool, str]:
     return code == 0, out
 
 
-def find_cuobjdump(nvcc: str | None = None) -> str | None:
-    """cuobjdump next to nvcc, on PATH, or the copy inside the triton wheel (``backends/nvidia/bin``)."""
-    if nvcc is not None and (Path(nvcc).resolve().parent / "cuobjdump").is_file():
-        return str(Path(nvcc).resolve().parent / "cuobjdump")
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import triton
-    except ImportError:
-        return None
-    bundled = Path(triton.__file__).resolve().parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(bundled) if bundled.is_file() else None
-
-
-def kernel_sass(nvcc: str, cuobjdump: str, source: Path, arch: str = "90") -> dict[str, list[str]]:
-    """The SASS of every kernel in ``source`` compiled for ``sm_<arch>``: {mangled name: instructions}.
-
-    Same flags as the compile check (minus -lineinfo noise); cached by content like the other builds.
-    """
-    key = _digest(nvcc_version(nvcc), NVCC_FLAGS, arch, source, *_headers())
-    listing = cache_dir() / f"sass-{source.stem}-sm{arch}-{key}.txt"
-    if not listing.exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = Path(tmp) / "k.cubin"
-            code, out = _run([nvcc, *NVCC_FLAGS, f"-arch=sm_{arch}", "-cubin", f"-I{CSRC}", str(source), "-o",
-                              str(cubin)])
-            if code != 0:
-                raise RuntimeError(f"nvcc -cubin {source.name} failed:\n{out}")
-            code, out = _run([cuobjdump, "-sass", str(cubin)])
-            if code != 0:
-                raise RuntimeError(f"cuobjdump -sass {source.name} failed:\n{out}")
-        tmp_listing = listing.with_suffix(f".{os.getpid()}.tmp")
-        tmp_listing.write_text(out)
-        os.replace(tmp_listing, listing)
-    functions: dict[str, list[str]] = {}
-    current = None
-    for line in listing.read_text().splitlines():
-        stripped = line.strip()
-        if stripped.startswith("Function :"):
-            current = functions.setdefault(stripped.split(":", 1)[1].strip(), [])
-        elif current is not None and stripped.startswith("/*") and "*/" in stripped:
-            instruction = stripped.split("*/", 1)[1].split(";", 1)[0].strip()
-            if instruction:
-                current.append(instruction)
-    return functions
-
-
-def opcode(instruction: str) -> str:
-    """``LDG.E.128`` from ``@!P1 LDG.E.128 R4, desc[UR4][R2.64]`` (the predicate dropped)."""
-    parts = instruction.split()
-    return parts[1] if parts and parts[0].startswith("@") else (parts[0] if parts else "")
-
-
 def main() -> int:
     """``python tests/nvcc_tools.py``: the compile check by hand."""
     nvcc = find_nvcc()

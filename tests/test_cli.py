@@ -101,3 +101,12 @@ def test_train_rejects_bad_arguments(args, message):
 def test_no_command_prints_help():
     out = run()
     assert out.returncode == 2 and "info" in out.stdout and "train" in out.stdout
+
+
+def test_train_runs_the_layerwise_and_reweighting_variants():
+    names = ["awp", "wtawp", "hero", "deltasam"]
+    out = run("train", "--epochs", "1", "--seeds", "1", "--optimizers", ",".join(names))
+    assert out.returncode == 0, out.stderr
+    rows = _rows(out.stdout, names)
+    assert [r[0] for r in rows] == names
+    assert all(0.1 < float(r[1]) <= 1.0 for r in rows)

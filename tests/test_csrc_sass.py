@@ -10,14 +10,16 @@ kernel writes exactly one list, so its ``STG`` count is ``P``; an op's ``LDG`` c
 mask the restore kernel had ``2 P`` loads (it read the parameters it overwrites), perturb read the
 backups, the fused steps the parameters, and the found-inf copies every list. This checks the
 instruction counts, which is what the load mask changes; the bytes moved follow (csrc/README.md).
-Skipped without nvcc or cuobjdump (the triton wheel ships one).
+Compiled and read with tests/gpuless/sass.py. Skipped without nvcc or cuobjdump (the triton wheel
+ships one).
 """
 
 import re
 
 import pytest
 
-from nvcc_tools import CSRC, find_cuobjdump, find_nvcc, kernel_sass, opcode
+from gpuless import sass
+from nvcc_tools import CSRC, NVCC_FLAGS, find_nvcc
 
 # A body_kernel instantiation: _ZN7fastsam4cuda11body_kernelINS0_<len><Body>I<storage type><flags>EE...
 KERNEL = re.compile(r"body_kernelINS0_\d+(?P<body>[A-Za-z]+Body)I(?P<dtype>f|6__half|13__nv_bfloat16)(?P<flags>\w*?)E{2,}J")
@@ -29,34 +31,35 @@ def tools():
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
-    cuobjdump = find_cuobjdump(nvcc)
+    cuobjdump = sass.find_cuobjdump()
     if cuobjdump is None:
         pytest.skip("cuobjdump not found")
-    return nvcc, cuobjdump
+    compiled = {}
+
+    def kernels(source: str) -> dict[str, sass.KernelCode]:
+        if source not in compiled:
+            compiled[source], _ = sass.nvcc_cubin(nvcc, CSRC / f"{source}.cu", 90, NVCC_FLAGS, [CSRC], cuobjdump)
+        return compiled[source]
+
+    return kernels
 
 
 def _kernels(tools, source: str, body: str, flags: str | None = None):
-    """[(storage type, SASS)] of the ``body`` kernels of csrc/<source>.cu (``flags``: a template-flag prefix)."""
+    """[(storage type, counts)] of the ``body`` kernels of csrc/<source>.cu (``flags``: a template-flag suffix)."""
     found = []
-    for name, code in kernel_sass(*tools, CSRC / f"{source}.cu").items():
+    for name, code in tools(source).items():
         m = KERNEL.search(name)
         if m and m["body"] == body and (flags is None or m["flags"].endswith(flags)):
-            found.append((m["dtype"], code))
+            found.append((m["dtype"], code.counts))
     assert len(found) >= 3, f"expected the fp32/fp16/bf16 {body} kernels in {source}.cu, found {len(found)}"
     return found
-
-
-def _counts(code: list[str]) -> tuple[int, int, int]:
-    ops = [opcode(i) for i in code]
-    return (sum(o.startswith("LDG") for o in ops), sum(o.startswith("STG") for o in ops),
-            sum(o.startswith("LDG") and o.endswith(".128") for o in ops))
 
 
 def test_restore_loads_only_the_backups(tools):
     kernels = _kernels(tools, "restore", "RestoreBody")
     assert len(kernels) == 3  # fp32, fp16, bf16
-    for dtype, code in kernels:
-        loads, stores, vector_loads = _counts(code)
+    for dtype, counts in kernels:
+        loads, stores, vector_loads = counts["LDG"], counts["STG"], counts["LDG.128"]
         paths = PATHS_PER_LIST[dtype]
         assert stores == paths, dtype
         assert vector_loads == 1, f"{dtype}: one list read, one 128-bit load path"
@@ -82,8 +85,8 @@ CASES = [
 @pytest.mark.parametrize("source,body,flags,reads,writes,scalars", CASES,
                          ids=[f"{c[1]}{c[2] or ''}" for c in CASES])
 def test_fused_ops_do_not_load_the_lists_they_only_write(tools, source, body, flags, reads, writes, scalars):
-    for dtype, code in _kernels(tools, source, body, flags):
-        loads, stores, _ = _counts(code)
+    for dtype, counts in _kernels(tools, source, body, flags):
+        loads, stores = counts["LDG"], counts["STG"]
         paths = PATHS_PER_LIST[dtype]
         assert stores == paths * writes, dtype
         assert loads == paths * reads + scalars, (

@@ -246,3 +246,10 @@ def test_layerwise_backend_functions_through_the_schemas(fake_extension, dtype):
     for a, b in zip(mine, ref):
         assert_close_dtype(a, b.double(), dtype)
     assert torch.equal(mine[1], params[1]) and all(torch.equal(a, b) for a, b in zip(b1, b2))
+
+
+def test_sds_weights_of_an_empty_batch(fake_extension):
+    """An empty batch gets an empty weight vector (no launch, no error), as from torch.softmax."""
+    empty = torch.empty(0)
+    w = sds_weights_cuda(empty, empty, 0.5)
+    assert w.shape == (0,) and w.dtype == torch.float32

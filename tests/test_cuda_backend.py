@@ -152,6 +152,9 @@ def test_opcheck_on_cuda():
                                 torch.tensor(4.0, device="cuda"), None),
         "sds_select": (before, after, 10),
         "sds_weights": (before, after, 2.0),
+        # layer-wise perturbation (AWP / WT-AWP / HERO)
+        "per_tensor_sq_norms": (g,),
+        "perturb_per_tensor_": (p, g, b, torch.tensor([0.5, float("nan")], device="cuda")),
     }
     for name, args in cases.items():
         torch.library.opcheck(_cuda_common.op(name), args)

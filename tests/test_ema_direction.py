@@ -34,7 +34,7 @@ def test_ema_direction_matches_reference(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend,dtype", backend_cases("ema_direction"))
-def test_first_step_form_initialises_the_ema_with_the_gradient(device, backend, dtype):
+def test_sigma_and_lmbda_zero_from_a_zero_ema_copy_the_gradient(device, backend, dtype):
     gen = torch.Generator().manual_seed(8)
     shapes = [(4097,), (7, 3)]
     grads = randn_list(shapes, dtype, device, gen)

@@ -66,3 +66,28 @@ def test_ddp_with_torchrun(mode):
 @pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="Lightning is not installed")
 def test_lightning_manual_optimization():
     assert accuracy(run(["examples/sam_lightning.py", "--max-steps", "20"])) > 0.5
+
+
+# ---- SAM-family recipes (issue 15): each runs on tiny settings; their defining properties are
+# checked in tests/test_example_recipes.py.
+
+def test_sdat_domain_adversarial():
+    text = run(["examples/sam_sdat.py", "--steps", "150"])
+    assert float(re.search(r"target accuracy ([0-9.]+)", text).group(1)) > 0.7
+
+
+def test_saq_quantization_aware():
+    text = run(["examples/sam_saq.py", "--steps", "150"])
+    assert float(re.search(r"int8 accuracy ([0-9.]+)", text).group(1)) > 0.7
+
+
+@pytest.mark.parametrize("extra", [[], ["--inner-rho", "0.01", "--first-order"]])
+def test_sharp_maml(extra):
+    text = run(["examples/sam_sharp_maml.py", "--steps", "60", *extra])
+    before, after = map(float, re.search(r"before ([0-9.]+) after ([0-9.]+)", text).groups())
+    assert after < before
+
+
+def test_swa_with_sam():
+    text = run(["examples/sam_swa.py", "--steps", "120"])
+    assert float(re.search(r"SWA accuracy ([0-9.]+)", text).group(1)) > 0.9

@@ -31,6 +31,12 @@ TWO_CALL = [
     (fastsam.ESAM, dict(rho=0.2, beta=1.0, gamma=1.0)),
     (fastsam.MSAM, dict(rho=0.2, micro_batches=1)),
 ]
+# Classes added later that keep the two-call form (present on main when this test was written).
+for _name, _kw in (("AWP", dict(rho=0.05)), ("HERO", dict(rho=0.05)), ("AESAM", dict(rho=0.2, total_steps=4)),
+                   ("RandomSwitchSAM", dict(rho=0.2, probability=1.0, seed=1)), ("DeltaSAM", dict(rho=0.2)),
+                   ("KSAM", dict(rho=0.2, gamma=1.0)), ("FriendlySAM", dict(rho=0.2)), ("WSAM", dict(rho=0.2))):
+    if hasattr(fastsam, _name):
+        TWO_CALL.append((getattr(fastsam, _name), _kw))
 
 
 def ids(cases):
@@ -196,6 +202,23 @@ def test_esam_step_sharpness_is_whole_batch_difference(gamma):
     assert torch.equal(opt.sharpness, after.mean() - before.mean())
 
 
+@pytest.mark.skipif(not hasattr(fastsam, "KSAM"), reason="no KSAM")
+def test_ksam_step_sharpness_is_the_selected_samples_difference():
+    model = make_model()
+    opt = fastsam.KSAM(model.parameters(), torch.optim.SGD, rho=0.2, gamma=0.5, **SGD)
+    x, y = batch(n=20)
+    calls = []
+
+    def losses(indices):
+        xb, yb = (x, y) if indices is None else (x[indices], y[indices])
+        return F.cross_entropy(model(xb), yb, reduction="none")
+
+    opt.step(_recording(losses, calls))
+    (_, _, first), (_, _, second) = calls[1], calls[2]  # the k selected samples at w, then at w + e
+    assert first.numel() == second.numel() == 10
+    assert torch.equal(opt.sharpness, second.mean() - first.mean())
+
+
 @pytest.mark.parametrize("m", [1, 4])
 def test_msam_step_sharpness_is_mean_over_shards(m):
     model = make_model()
@@ -215,25 +238,33 @@ def test_msam_step_sharpness_is_mean_over_shards(m):
 
 @pytest.mark.parametrize("cls,kw", TWO_CALL, ids=ids(TWO_CALL))
 def test_no_host_sync_when_recording_sharpness(cls, kw):
-    model = make_model()
-    opt = cls(model.parameters(), torch.optim.SGD, **kw, **SGD)
-    x, y = batch()
-    log = SharpnessLog()
-    watch = host_sync_watch()
-    for _ in range(3):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        with watch:
-            opt.first_step(zero_grad=True, loss=loss)
-        p = F.cross_entropy(model(x), y)
-        p.backward()
-        with watch:
-            opt.second_step(zero_grad=True, loss=p)
-            log.record(opt, loss)
-    assert watch.seen == []
+    """Passing the losses and logging add no host sync: the same syncs as without them (none, except
+    the one AE-SAM documents for its switching decision)."""
+    def run(with_losses):
+        model = make_model()
+        opt = cls(model.parameters(), torch.optim.SGD, **kw, **SGD)
+        x, y = batch()
+        log = SharpnessLog()
+        watch = host_sync_watch()
+        for _ in range(3):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            with watch:
+                opt.first_step(zero_grad=True, loss=loss if with_losses else None)
+            p = F.cross_entropy(model(x), y)
+            p.backward()
+            with watch:
+                opt.second_step(zero_grad=True, loss=p if with_losses else None)
+                log.record(opt, loss)
+        return watch.seen, log
+
+    seen, log = run(True)
+    assert seen == run(False)[0]
+    if cls.__name__ != "AESAM":
+        assert seen == []
     rows = log.rows()
     assert len(rows) == 3 and all(r["loss"] > 0 for r in rows)
-    assert sum(r["sharpness"] is not None for r in rows) >= 2
+    assert sum(r["sharpness"] is not None for r in rows) >= 1
 
 
 def test_sharpness_log_summary():
@@ -278,3 +309,20 @@ def test_sharpness_under_torch_compile_fullgraph():
         perturbed.backward()
         second(perturbed.detach())
         torch.testing.assert_close(opt.sharpness, perturbed.detach() - loss.detach())
+
+
+def test_grad_scaler_step_passes_the_perturbed_loss():
+    model = make_model()
+    opt = fastsam.SAM(model.parameters(), torch.optim.AdamW, rho=0.1, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = batch()
+    for _ in range(2):
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        opt.first_step(zero_grad=True, loss=loss)
+        perturbed = F.cross_entropy(model(x), y)
+        scaler.scale(perturbed).backward()
+        scaler.step(opt, perturbed_loss=perturbed)
+        scaler.update()
+        opt.zero_grad()
+        assert torch.equal(opt.sharpness, perturbed.detach() - loss.detach())

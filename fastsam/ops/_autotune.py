@@ -168,6 +168,8 @@ def _probe_calls(op: str, device: torch.device, dtype: torch.dtype, count: int, 
         return lst(), lst(), lst(0.1), lst(0.01, True), torch.tensor(0.1, device=device), 1e-3, 0.9, 0.999, 1e-8, 1e-2, 3
     if op == "momentum_sam_shift":
         return lst(), lst(), torch.tensor(-0.1, device=device), None
+    if op == "sampa_extrapolate":
+        return lst(), lst(), lst(), lst(), 0.1, 0.9, 5e-4
     raise KeyError(op)
 
 

@@ -145,7 +145,9 @@ def supports(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
                        f"not on {device.type}")
     if device.type != "cuda":
         return False, f"the CUDA extension runs on CUDA tensors, not on {device.type}"
-    return True, ""
+    from fastsam import _extension  # the build's architectures against this GPU's, once per GPU
+
+    return _extension.device_status(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def requested_backend(backend: str | None) -> str:

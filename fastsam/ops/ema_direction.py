@@ -6,11 +6,12 @@ exponential moving average ``m`` of past first-pass gradients. Per element, with
 first-pass gradient:
 
     d = g - sigma * m                     (the direction, written over g)
-    m = lmbda * m + (1 - lmbda) * g       (the EMA, with the raw g)
+    m = lmbda * m + (1 - lmbda) * g       (the EMA, with the raw g; computed as m + (1 - lmbda)(g - m),
+                                           torch's ``lerp``, as the peers do)
 
 One pass reads g and m and writes both (16 fp32 bytes per element). The first step of a run has no
-EMA yet: ``sigma = lmbda = 0`` gives ``d = g`` and ``m = g``, i.e. ``m`` is initialised with the
-gradient, as in the authors' code. ``skip`` (optional 0-dim device flag, non-zero = skip) leaves
+EMA yet; the optimizer then initialises ``m`` with a copy of ``g`` (and ``d = g``), as the authors'
+code does. ``skip`` (optional 0-dim device flag, non-zero = skip) leaves
 both lists untouched, so that a non-finite gradient (an fp16 overflow) never enters the EMA; it is
 decided on the device, no host sync. Math in fp32 (fp64 for fp64 tensors in the torch backend).
 
@@ -27,7 +28,7 @@ import torch
 
 from ._checks import check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
-from ._torch_common import as_device_scalar
+from ._torch_common import FP32, add_scaled_or_skip_, as_device_scalar, is_low_precision
 from .grad_mix import check_skip, pack, unpack_into_
 
 
@@ -59,9 +60,27 @@ def ema_direction_(grads: list[torch.Tensor], momenta: list[torch.Tensor], sigma
 def ema_direction_torch(grads, momenta, sigma, lmbda, skip) -> None:
     if not grads:
         return
-    g, m = pack(grads), pack(momenta)  # flat math-dtype copies (see grad_mix's note on flat math)
+    if is_low_precision(grads[0].dtype):
+        _ema_direction_flat(grads, momenta, sigma, lmbda, skip)
+        return
+    # fp32/fp64: _foreach_* increments, applied through the fused skip (see grad_mix's note):
+    # g += -sigma m and m += (1 - lmbda) (g - m), the EMA in torch's lerp form.
+    dg = torch._foreach_mul(momenta, -sigma)
+    dm = torch._foreach_sub(grads, momenta)
+    torch._foreach_mul_(dm, 1.0 - lmbda)
+    if skip is None:
+        torch._foreach_add_(grads, dg)
+        torch._foreach_add_(momenta, dm)
+        return
+    one = torch.ones((), dtype=FP32, device=grads[0].device)
+    add_scaled_or_skip_(grads, dg, one, skip.to(FP32))
+    add_scaled_or_skip_(momenta, dm, one, skip.to(FP32))
+
+
+def _ema_direction_flat(grads, momenta, sigma, lmbda, skip) -> None:
+    g, m = pack(grads), pack(momenta)  # flat fp32 copies (see _torch_common's note on fp32 math)
     d = g - sigma * m
-    m_new = lmbda * m + (1.0 - lmbda) * g
+    m_new = m + (1.0 - lmbda) * (g - m)
     if skip is not None:
         keep = skip == 0
         d, m_new = torch.where(keep, d, g), torch.where(keep, m_new, m)

@@ -30,7 +30,7 @@ import torch
 
 from ._checks import check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
-from ._torch_common import FP32, as_device_scalar, flat_views
+from ._torch_common import FP32, add_scaled_or_skip_, as_device_scalar, flat_views, is_low_precision
 
 
 def _check_coef(name, value) -> None:
@@ -81,8 +81,33 @@ def unpack_into_(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
 def grad_mix_torch(xs, ys, a, b, swap, skip) -> None:
     if not xs:
         return
-    # [note: flat math] The reference backend packs each list into one flat tensor (a constant number
-    # of kernels whatever the number of tensors), so the device-side skip is one torch.where.
+    if is_low_precision(xs[0].dtype) or (skip is not None and swap):
+        _grad_mix_flat(xs, ys, a, b, swap, skip)
+        return
+    # [note: grad_mix in the torch backend] fp32/fp64 lists are updated with _foreach_* calls, a
+    # constant number of kernels whatever the number of tensors. The skip flag goes through torch's
+    # fused SGD kernel (see _torch_common's note on skipping without a host sync) as x += d with
+    # d = (a - 1) x + b y; the rarely needed swap-with-skip form takes the flat path.
+    dtype = xs[0].dtype
+    a, b = a.to(dtype), b.to(dtype)
+    by = torch._foreach_mul(ys, b)
+    if skip is None:
+        if swap:
+            mixed = torch._foreach_mul(xs, a)
+            torch._foreach_add_(mixed, by)
+            torch._foreach_copy_(xs, ys)
+            torch._foreach_copy_(ys, mixed)
+        else:
+            torch._foreach_mul_(xs, a)
+            torch._foreach_add_(xs, by)
+        return
+    ax = torch._foreach_mul(xs, a - 1)
+    torch._foreach_add_(ax, by)
+    add_scaled_or_skip_(xs, ax, torch.ones((), dtype=FP32, device=xs[0].device), skip.to(FP32))
+
+
+def _grad_mix_flat(xs, ys, a, b, swap, skip) -> None:
+    # Flat fp32 copies (see _torch_common's note on fp32 math): the skip is then one torch.where.
     x, y = pack(xs), pack(ys)
     mixed = torch.add(x * a.to(x.dtype), y * b.to(x.dtype))
     if skip is not None:

@@ -8,7 +8,12 @@ One SAM step, with ``g`` the gradient at ``w`` over all parameters of the optimi
     w  = backup; base optimizer step with g'     (second_step)
 
 ``adaptive=True`` is ASAM's scale-invariant version (Kwon et al., ICML 2021): with ``T = |w| + eta``,
-``e = rho * T^2 g / (||T g|| + eps)``.
+``e = rho * T^2 g / (||T g|| + eps)``. ``adaptive_params`` says which tensors get ``T``: ``"all"``
+(default, as the widely used PyTorch SAM class does) or ``"weights"``, the rule of the ASAM
+authors' code (SamsungLabs/ASAM), which the paper's experiments ran: only parameters whose name
+contains ``"weight"`` are scaled, biases and normalisation shifts get ``T = 1`` (their ``g`` enters
+the norm and the perturbation as in SAM). It needs names, i.e. ``model.named_parameters()`` (or
+param groups with ``"param_names"``), which every fastsam optimizer accepts as torch's do.
 
 ``every=k`` is interval SAM: only every k-th step (steps 0, k, 2k, ... of the counter kept in
 ``state_dict()``) is a SAM step; the others are plain base steps with one forward/backward, the
@@ -79,10 +84,24 @@ def _check_loss(name: str, loss):
         if loss.numel() != 1:
             raise ValueError(f"{name} must be the scalar loss (a one-element tensor, e.g. the batch mean), got a "
                              f"tensor of shape {tuple(loss.shape)}")
-        return loss.detach().reshape(())
+        if loss.requires_grad:
+            loss = loss.detach()
+        return loss if loss.dim() == 0 else loss.reshape(())  # no op at all for a detached 0-dim loss
     if isinstance(loss, bool) or not isinstance(loss, (int, float)):
         raise TypeError(f"{name} must be a scalar loss (a tensor or a number), got {type(loss).__name__}")
     return torch.tensor(float(loss))
+
+
+ADAPTIVE_PARAMS = ("all", "weights")
+
+
+def _check_adaptive_params(group) -> None:
+    rule = group.get("adaptive_params", "all")
+    if rule not in ADAPTIVE_PARAMS:
+        raise ValueError(f"adaptive_params must be one of {ADAPTIVE_PARAMS}, got {rule!r}")
+    if rule == "weights" and group.get("adaptive") and "param_names" not in group:
+        raise ValueError('adaptive_params="weights" scales only parameters whose name contains "weight", so it '
+                         "needs parameter names: pass model.named_parameters() (or groups with 'param_names')")
 
 
 def _check_every(name: str, value) -> None:
@@ -113,6 +132,8 @@ class SAM(torch.optim.Optimizer):
         rho: neighbourhood radius (``>= 0``).
         adaptive: ASAM's adaptive perturbation, ``T = |w| + eta``.
         eta: ASAM's offset in ``T`` (0 reproduces the widely used SAM class's ``adaptive=True``).
+        adaptive_params: with ``adaptive``, which tensors ``T`` applies to: ``"all"`` or ``"weights"``
+            (names containing ``"weight"``, the ASAM authors' rule; needs named parameters).
         perturb_eps: ``eps`` in ``rho / (norm + eps)``.
         every: interval SAM: a SAM step every ``every``-th step, a plain base step otherwise (1: always SAM).
         backend: ``"auto"`` (default; ``FASTSAM_BACKEND`` may override it), ``"torch"``, ``"triton"``
@@ -165,12 +186,14 @@ class SAM(torch.optim.Optimizer):
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False, *,
                  eta: float = 0.0, perturb_eps: float = 1e-12, backend: str | None = "auto",
-                 dp_perturbation: str = "global", every: int = 1, **kwargs):
+                 dp_perturbation: str = "global", every: int = 1, adaptive_params: str = "all", **kwargs):
         _check_every("every", every)
         _check_nonneg("rho", rho)
         _check_nonneg("eta", eta)
         _checkpoint.check_perturb_eps(perturb_eps)
         self._sam_defaults = dict(rho=float(rho), adaptive=bool(adaptive), eta=float(eta))
+        if adaptive_params != "all":  # kept out of the groups unless used: stock state dicts stay stock
+            self._sam_defaults["adaptive_params"] = adaptive_params
         base_is_instance = isinstance(base_optimizer, torch.optim.Optimizer)
         if base_is_instance and kwargs:
             raise TypeError(f"base_optimizer is an optimizer instance, so options {sorted(kwargs)} cannot be "
@@ -272,6 +295,13 @@ class SAM(torch.optim.Optimizer):
         raises, ``second_step`` restores the weights and re-raises. SAM uses the gradient as it is.
         """
 
+    def _after_base_step(self, sam_step: bool) -> None:
+        """Runs right after the base optimizer's step (weights restored and stepped), in ``second_step``.
+
+        For updates applied outside the base optimizer (WSAM's decoupled sharpness term). It must honour
+        ``self._amp_scale_args()`` (a skipped base step skips it too). SAM does nothing here.
+        """
+
     # ------------------------------------------------------------------ interval SAM
 
     @property
@@ -304,6 +334,7 @@ class SAM(torch.optim.Optimizer):
         _check_nonneg("rho", group.get("rho"))
         _check_nonneg("eta", group.get("eta"))
         check_mode(self._norm_mode(group), group["eta"])
+        _check_adaptive_params(group)
         _checkpoint.check_rho_over_eps(group["rho"], self.__dict__.get("perturb_eps", 1e-12))
 
     def add_param_group(self, param_group: dict) -> None:
@@ -327,17 +358,21 @@ class SAM(torch.optim.Optimizer):
             if checking:
                 self._check_group(group)
             mode, rho, eta = self._norm_mode(group), float(group["rho"]), float(group["eta"])
-            for p in group["params"]:
+            names = group.get("param_names") if mode == "adaptive" and group.get("adaptive_params") == "weights" \
+                else None
+            for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
+                # The ASAM authors' rule: T = |w| + eta for "weight" tensors only, the others as in SAM.
+                tensor_mode = mode if names is None or "weight" in names[i] else "plain"
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                        f"(parameter of shape {tuple(p.shape)})")
-                key = (p.get_device(), p.dtype, mode, rho, eta)  # get_device(): an int, cheap per tensor
+                key = (p.get_device(), p.dtype, tensor_mode, rho, eta)  # get_device(): an int, cheap per tensor
                 b = buckets.get(key)
                 if b is None:
-                    b = buckets[key] = _Bucket(p.device, p.dtype, mode, rho, eta)
+                    b = buckets[key] = _Bucket(p.device, p.dtype, tensor_mode, rho, eta)
                 b.params.append(p)
                 b.grads.append(g)
         return list(buckets.values())
@@ -487,13 +522,15 @@ class SAM(torch.optim.Optimizer):
         # [note: errors in second_step] Whatever raises in here (the variant's combine, the
         # GradScaler handling, the restore, the base step), every weight that is still perturbed is
         # copied back from its backup before the exception propagates; the step does not count.
+        sam_step = not self._step_state.cheap_pending
         try:
-            self._before_base_step(sam_step=not self._step_state.cheap_pending)
+            self._before_base_step(sam_step=sam_step)
             if self._fused_base is None:
                 self.restore()
                 self._generic_base_step()
             else:
                 self._fused_second_step()
+            self._after_base_step(sam_step)
         except BaseException:
             self._abort_step()
             raise
@@ -592,7 +629,7 @@ class SAM(torch.optim.Optimizer):
         self._opt_called = True
         self.base_optimizer._opt_called = True
 
-    def step(self, closure=None, *, loss=None):
+    def step(self, closure=None, *, loss=None, perturbed_loss=None):
         """``first_step``, ``closure()`` (second forward/backward, returns the loss), ``second_step``.
 
         Gradients at ``w`` must already be in ``.grad``. Returns the closure's loss. If the closure
@@ -602,12 +639,14 @@ class SAM(torch.optim.Optimizer):
 
         ``loss``: optionally the first-pass loss ``L(w)`` the caller computed before the call. With
         it, :attr:`sharpness` is the closure's (perturbed) loss minus ``loss``, on the device.
+        ``perturbed_loss``: without a closure (finishing a step begun by ``first_step(loss=...)``,
+        e.g. ``scaler.step(opt, perturbed_loss=loss_p)``, which GradScaler passes on), ``L(w + e)``.
         """
         if closure is None:
             if self._perturbed is not None or not self.needs_second_pass:
                 # After first_step (e.g. through GradScaler.step, which passes no closure) or on a
                 # cheap step: finish the step.
-                self.second_step()
+                self.second_step(loss=perturbed_loss)
                 return None
             raise RuntimeError(f"{type(self).__name__}.step() needs a closure that recomputes the loss and its "
                                "gradients at the perturbed weights (or call first_step() and second_step())")

@@ -99,8 +99,15 @@ class SharpnessLog:
                 return None
             return float(t) if not isinstance(t, torch.Tensor) else t
         tensors = [t for _, loss, s in self._entries for t in (loss, s) if isinstance(t, torch.Tensor)]
-        # One transfer for all of them rather than one sync per value.
-        host = iter(torch.stack([t.reshape(()).float().cpu() for t in tensors]).tolist()) if tensors else iter(())
+        # One transfer per device for all of them rather than one sync per value.
+        by_device: dict = {}
+        for i, t in enumerate(tensors):
+            by_device.setdefault(t.device, []).append(i)
+        values = [0.0] * len(tensors)
+        for idx in by_device.values():
+            for i, v in zip(idx, torch.stack([tensors[i].reshape(()).float() for i in idx]).cpu().tolist()):
+                values[i] = v
+        host = iter(values)
         out = []
         for step, loss, s in self._entries:
             row = {"step": step}

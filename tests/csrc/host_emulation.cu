@@ -153,7 +153,7 @@ int fastsam_emu_sds_select(int dtype, const void* before, const void* after, int
   return launch_sds_select(HostExec{}, static_cast<DType>(dtype), before, after, batch, k, out);
 }
 
-int fastsam_emu_sds_weights(int dtype, const void* before, const void* after, int batch, float temperature,
+int fastsam_emu_sds_weights(int dtype, const void* before, const void* after, int64_t batch, float temperature,
                             float* out) {
   return launch_sds_weights(HostExec{}, static_cast<DType>(dtype), before, after, batch, temperature, out);
 }

@@ -1,0 +1,63 @@
+"""bSAM's noisy weights: ``backup = w; w += n / sqrt(num_data * s)``, ``n ~ N(0, 1)``, in place.
+
+Bayesian SAM (Möllenhoff & Khan, "SAM as an Optimal Relaxation of Bayes", ICLR 2023) takes its
+first gradient at a sample of its Gaussian posterior ``N(w, 1 / (num_data * s))`` (``s`` the
+per-element precision). The noise is drawn from ``generator`` as one flat fp32 draw of
+``sum(numel)`` standard normals per call, tensors in list order (so a run is reproduced by the
+generator's state alone). Math in fp32 (fp64 for fp64 tensors).
+
+Backend contract (``register("bsam_noise", backend)``): ``fn(params, backups, precisions, num_data,
+generator) -> None`` on one bucket; ``generator`` a ``torch.Generator`` on the bucket's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_like_params
+from ._dispatch import group_by_device_dtype, register, resolve
+from ._torch_common import FP32, is_low_precision, pack_fp32, unpack_into_
+
+
+def bsam_noise_(params: list[torch.Tensor], backups: list[torch.Tensor], precisions: list[torch.Tensor],
+                num_data: int, generator: torch.Generator, *, backend: str | None = "auto") -> None:
+    """``backups[i] = params[i]; params[i] += n_i / sqrt(num_data * precisions[i])`` (see module docstring)."""
+    if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+        raise ValueError(f"num_data must be an int >= 1, got {num_data!r}")
+    params, backups, precisions = list(params), list(backups), list(precisions)
+    check_like_params(params, backups=backups, precisions=precisions)
+    for (device, dtype), idx in group_by_device_dtype(params).items():
+        _, fn = resolve("bsam_noise", backend, device, dtype)
+        fn([params[i] for i in idx], [backups[i] for i in idx], [precisions[i] for i in idx], num_data, generator)
+
+
+def draw_noise(params, generator: torch.Generator, dtype: torch.dtype) -> list[torch.Tensor]:
+    """One flat draw of standard normals for the whole bucket, split into views shaped like ``params``.
+
+    The split is one op; the per-tensor views are metadata only (no kernel launches).
+    """
+    total = sum(p.numel() for p in params)
+    flat = torch.randn(total, generator=generator, device=params[0].device, dtype=FP32)
+    if dtype == torch.float64:
+        flat = flat.double()
+    return [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params)]
+
+
+@register("bsam_noise", "torch")
+def bsam_noise_torch(params, backups, precisions, num_data, generator) -> None:
+    if not params:
+        return
+    torch._foreach_copy_(backups, params)
+    low = is_low_precision(params[0].dtype)
+    if low:
+        work_w, work_s = [pack_fp32(params)], [pack_fp32(precisions)]
+        noise = [torch.randn(work_w[0].numel(), generator=generator, device=work_w[0].device, dtype=FP32)]
+    else:
+        work_w, work_s = params, precisions
+        noise = draw_noise(params, generator, params[0].dtype)
+    std = torch._foreach_mul(work_s, float(num_data))
+    torch._foreach_rsqrt_(std)
+    torch._foreach_mul_(std, noise)
+    torch._foreach_add_(work_w, std)
+    if low:
+        unpack_into_(params, work_w[0])
