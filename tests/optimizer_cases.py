@@ -26,7 +26,10 @@ Contract of an entry (:class:`OptimizerCase`):
   - ``"one_pass"``: a plain torch-optimizer step, ``loss.backward(); opt.step()`` (Momentum-SAM,
     which is not a :class:`fastsam.SAM` and keeps its weights at the ascent point between steps).
     The SAM-protocol tests (first_step/second_step faults, ``state_dict`` mid-step) skip these; the
-    generic ones (checkpoints, duplicates, ``perturb_eps``, fp64, round trip) run for every case.
+    generic ones (checkpoints, duplicates, ``perturb_eps``, round trip) run for every case.
+  - ``"closure_only"``: ``opt.step(closure)`` with a closure that runs forward and backward and
+    returns the loss, the optimizer calling it as often as it needs (SAMPa, bSAM: classes that are
+    not a :class:`fastsam.SAM`). Skipped by the SAM-protocol tests like ``"one_pass"``.
 * ``step_kwargs(batch_size) -> dict``: extra arguments of ``step`` (MSAM's ``batch_size``).
 * ``fused_ops``: the ops its ``second_step`` runs besides the restore and the base step, in the
   order they run (``_before_base_step``): the tests inject a failure into each. Cheap-step ops go
@@ -113,6 +116,28 @@ CASES: list[OptimizerCase] = [
     OptimizerCase("MomentumSAMAdamW", fastsam.MomentumSAMAdamW,
                   lambda ps, base, **kw: fastsam.MomentumSAMAdamW(ps, **_one_pass_kwargs(kw, "perturb_eps")),
                   drive="one_pass"),
+    OptimizerCase("AESAM", fastsam.AESAM,
+                  lambda ps, base, **kw: fastsam.AESAM(ps, base, rho=0.05, total_steps=20, **kw)),
+    OptimizerCase("RandomSwitchSAM", fastsam.RandomSwitchSAM,
+                  lambda ps, base, **kw: fastsam.RandomSwitchSAM(ps, base, rho=0.05, probability=0.5, seed=3, **kw)),
+    OptimizerCase("KSAM", fastsam.KSAM, lambda ps, base, **kw: fastsam.KSAM(ps, base, rho=0.05, gamma=0.5, **kw),
+                  drive="per_sample"),
+    OptimizerCase("DeltaSAM", fastsam.DeltaSAM,
+                  lambda ps, base, **kw: fastsam.DeltaSAM(ps, base, rho=0.05, temperature=1.0, **kw),
+                  drive="per_sample"),
+    OptimizerCase("AWP", fastsam.AWP, lambda ps, base, **kw: fastsam.AWP(ps, base, rho=0.01, **kw)),
+    OptimizerCase("HERO", fastsam.HERO, lambda ps, base, **kw: fastsam.HERO(ps, base, rho=0.01, **kw)),
+    OptimizerCase("WSAM", fastsam.WSAM, lambda ps, base, **kw: fastsam.WSAM(ps, base, rho=0.05, gamma=0.9, **kw)),
+    OptimizerCase("FriendlySAM", fastsam.FriendlySAM,
+                  lambda ps, base, **kw: fastsam.FriendlySAM(ps, base, rho=0.05, sigma=1.0, lmbda=0.9, **kw)),
+    OptimizerCase("SAMPa", fastsam.SAMPa,
+                  lambda ps, base, **kw: fastsam.SAMPa(ps, torch.optim.SGD, rho=0.1, lam=0.2, parallel=False,
+                                                       **_one_pass_kwargs(kw, "lr", "momentum", "perturb_eps")),
+                  drive="closure_only"),
+    OptimizerCase("BSAM", fastsam.BSAM,
+                  lambda ps, base, **kw: fastsam.BSAM(ps, num_data=64, rho=0.05, seed=0,
+                                                      **_one_pass_kwargs(kw, "perturb_eps")),
+                  drive="closure_only"),
     OptimizerCase("LookSAM", fastsam.LookSAM, lambda ps, base, **kw: fastsam.LookSAM(ps, base, rho=0.05, k=2, alpha=0.5,
                                                                                      **kw),
                   fused_ops=("grad_dot", "looksam_orthogonal"), cheap_ops=("grad_norm", "looksam_combine")),
@@ -144,6 +169,14 @@ def one_step(case: OptimizerCase, model, opt, x, y, form: str = "auto") -> None:
     ``form``: ``"auto"`` (the class's own protocol: per-sample closure, or the two-call form skipping
     the second pass on cheap steps), ``"closure"`` (``opt.step(closure)``, two-call classes only).
     """
+    if case.drive == "closure_only":
+        def full_closure():
+            loss = loss_of(model, x, y)
+            loss.backward()
+            return loss
+        opt.zero_grad(set_to_none=True)
+        opt.step(full_closure)
+        return
     if case.drive == "one_pass":
         opt.zero_grad(set_to_none=True)
         loss_of(model, x, y).backward()
