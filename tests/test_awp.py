@@ -384,3 +384,23 @@ def test_gpu_steps_without_host_sync_and_like_the_torch_backend(backend):
         results[b] = [p.detach().cpu() for p in net.parameters()]
     for a, b in zip(results["torch"], results[backend]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+@pytest.mark.parametrize("cls,base,kw", [(fastsam.AWP, torch.optim.SGD, dict(lr=0.1, momentum=0.9, lmbda=0.4)),
+                                         (fastsam.HERO, torch.optim.AdamW, dict(lr=1e-2, gamma=0.5))],
+                         ids=["awp", "hero"])
+def test_grad_scaler_matches_the_unscaled_run(cls, base, kw, clip):
+    """The mix of g(w) and g(w + e) under a GradScaler: both carry the same scale (or the step refuses)."""
+    from test_amp import run
+
+    ref, _ = run(cls, base, kw, clip=clip)
+    for unscale_first in (False, True):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
+        if clip and not unscale_first:  # scaler.unscale_ before step: the copy of g(w) would keep the scale
+            with pytest.raises(ValueError, match="grad_scaler=scaler"):
+                run(cls, base, kw, scaler=scaler, clip=clip, unscale_first=False)
+            continue
+        got, _ = run(cls, base, kw, scaler=scaler, clip=clip, unscale_first=unscale_first)
+        for a, b in zip(got.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

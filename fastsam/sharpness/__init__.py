@@ -723,7 +723,9 @@ def _rescale_filters(d, w):
 def plot_landscape(landscapes, path, *, title: str | None = None, ylabel: str = "loss", log_scale: bool = False):
     """Write a PNG of one :class:`Landscape` or of several (a ``{name: Landscape}`` dict) to ``path``.
 
-    1-D: one line per landscape on shared axes. 2-D: a contour plot per landscape, side by side.
+    1-D: one line per landscape on shared axes. 2-D: a contour plot per landscape, side by side, with
+    the same contour levels in every panel. ``log_scale``: a logarithmic loss axis (1-D) or
+    log-spaced contour levels (2-D).
     Needs matplotlib: ``pip install 'fastsam[plot]'``. Returns ``path``.
     """
     try:
@@ -753,14 +755,23 @@ def plot_landscape(landscapes, path, *, title: str | None = None, ylabel: str = 
         ax.grid(alpha=0.3)
     else:
         n = len(landscapes)
-        fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
+        fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.4), squeeze=False)
+        # One set of contour levels for every panel, so that the panels compare; log-spaced on request.
+        lo = min(float(ls.losses.min()) for ls in landscapes.values())
+        hi = max(float(ls.losses.max()) for ls in landscapes.values())
+        if log_scale and lo > 0:
+            levels = torch.logspace(math.log10(lo), math.log10(hi), 16, dtype=torch.float64).numpy()
+        else:
+            levels = torch.linspace(lo, hi, 16, dtype=torch.float64).numpy()
         for ax, (name, ls) in zip(axes[0], landscapes.items()):
             a, b = ls.coords
-            cs = ax.contour(a.numpy(), b.numpy(), ls.losses.T.numpy(), levels=20)
-            ax.clabel(cs, inline=True, fontsize=7)
+            cs = ax.contour(a.numpy(), b.numpy(), ls.losses.T.numpy(), levels=levels)
+            ax.clabel(cs, inline=True, fontsize=7, fmt="%.3g")
+            ax.plot([0], [0], marker="+", color="k")
             ax.set_title(name)
             ax.set_xlabel("direction 1")
             ax.set_ylabel("direction 2")
+            ax.set_aspect("equal")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
