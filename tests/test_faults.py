@@ -29,11 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # xfails, so each one fails the suite as soon as its class is fixed (then delete its line here).
 KNOWN_GAPS = {
     ("test_refused_load_is_atomic", "SAMPa"): "SAMPa.load_state_dict does not check state shapes yet",
-    ("test_refused_load_is_atomic", "BSAM"): "BSAM.load_state_dict does not check state shapes yet",
     ("test_duplicate_parameters_are_refused", "SAMPa"): "SAMPa does not refuse duplicate parameters yet",
-    ("test_duplicate_parameters_are_refused", "BSAM"): "BSAM does not refuse duplicate parameters yet",
-    ("test_fp64_scalars_are_fp64", "AWP"): "the per_tensor_norm op returns fp32 norms for fp64 tensors",
-    ("test_fp64_scalars_are_fp64", "HERO"): "the per_tensor_norm op returns fp32 norms for fp64 tensors",
 }
 
 
