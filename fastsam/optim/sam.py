@@ -27,6 +27,7 @@ stay on the device, and weights are restored by an in-place copy.
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 
@@ -229,6 +230,7 @@ class SAM(torch.optim.Optimizer):
         self._backups: dict = {}
         self._step_state = _StepState()
         self._every = int(every)
+        self._base_step_pre_hooks: collections.OrderedDict = collections.OrderedDict()  # weakref-able, for RemovableHandle
         self._shard_groups = _sharding.shard_groups(self._param_list())
         if self._shard_groups and not self._supports_sharded_params:
             raise NotImplementedError(f"{type(self).__name__} does not support sharded (FSDP/DTensor) parameters yet; "
@@ -301,6 +303,21 @@ class SAM(torch.optim.Optimizer):
         For updates applied outside the base optimizer (WSAM's decoupled sharpness term). It must honour
         ``self._amp_scale_args()`` (a skipped base step skips it too). SAM does nothing here.
         """
+
+    def register_base_step_pre_hook(self, hook) -> "torch.utils.hooks.RemovableHandle":
+        """Run ``hook(optimizer)`` in every ``second_step`` once ``.grad`` holds the update's gradient
+        (after the variant's own rewrite, e.g. GSAM's combination), before the restore and base step.
+
+        For training loops that hand the whole step to a pass-driving optimizer (``ESAM.step``,
+        ``MSAM.step``) but must still clip or unscale the second-pass gradient, or set the
+        ``grad_scale``/``found_inf`` device tensors of the GradScaler protocol, at that point
+        (:mod:`fastsam.integrations.transformers` does). The hook may modify ``.grad`` in place; if it
+        raises, the weights are restored and the exception propagates. Returns a handle whose
+        ``remove()`` unregisters it. Hooks are not part of ``state_dict()`` or pickling.
+        """
+        handle = torch.utils.hooks.RemovableHandle(self._base_step_pre_hooks)
+        self._base_step_pre_hooks[handle.id] = hook
+        return handle
 
     # ------------------------------------------------------------------ interval SAM
 
@@ -488,6 +505,8 @@ class SAM(torch.optim.Optimizer):
             self._start_cheap_step()  # the one-pass form of a cheap step
         try:
             self._before_base_step(sam_step=not self._step_state.cheap_pending)
+            for hook in list(self._base_step_pre_hooks.values()):
+                hook(self)
         except BaseException:
             self.restore()
             raise
@@ -672,6 +691,7 @@ class SAM(torch.optim.Optimizer):
         if "_step_state" not in self.__dict__:
             self._step_state = _StepState()
         self.__dict__.setdefault("_every", 1)  # pickled before interval SAM existed
+        self._base_step_pre_hooks = collections.OrderedDict()
         self._backups = dict(self._step_state.perturbed or {})
         self._shard_groups = _sharding.shard_groups(self._param_list()) if "param_groups" in self.__dict__ else []
         if "base_optimizer" in self.__dict__:
