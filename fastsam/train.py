@@ -124,6 +124,9 @@ register("rst", lambda p, s: _fastsam().RandomSwitchSAM(p, torch.optim.SGD, rho=
          summary="RST rho=0.05, SAM with probability 0.5")
 register("ksam", lambda p, s: _fastsam().KSAM(p, torch.optim.SGD, rho=0.05, gamma=0.5, model=s.model, backend=s.backend,
                                               **s.sgd), "closure", summary="K-SAM rho=0.05, top half of the batch")
+register("sampa", lambda p, s: _fastsam().SAMPa(p, torch.optim.SGD, rho=0.1, lam=0.2, parallel=False, backend=s.backend,
+                                               **s.sgd), "loss_closure",
+         summary="SAMPa-0.2 rho=0.1 (authors' defaults), both gradients in this one process (SAM's cost)")
 register("wsam", lambda p, s: _fastsam().WSAM(p, torch.optim.SGD, rho=0.05, gamma=0.9, backend=s.backend, **s.sgd),
          summary="WSAM rho=0.05 gamma=0.9, decoupled")
 register("friendlysam", lambda p, s: _fastsam().FriendlySAM(p, torch.optim.SGD, rho=0.05, sigma=1.0, lmbda=0.9,

@@ -141,3 +141,41 @@ def test_friendly_sam_no_host_sync_in_a_step():
 
 def test_friendly_sam_dispatched_ops_do_not_grow_with_the_number_of_tensors():
     assert _count_ops(fastsam.FriendlySAM, 6) == _count_ops(fastsam.FriendlySAM, 150)
+
+
+def test_friendly_sam_with_grad_scaler_matches_unscaled_run():
+    """first_step(grad_scaler=...) unscales g before it enters the EMA: same run as without AMP."""
+    model, data = make_mlp(), batches(6)
+    plain, popt = run(model, lambda m: fastsam.FriendlySAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9),
+                      data)
+    scaled = make_mlp()
+    opt = fastsam.FriendlySAM(scaled.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)  # the scale changes mid-run
+    for x, y in data:
+        scaler.scale(loss_of(scaled, x, y)).backward()
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+        scaler.scale(loss_of(scaled, x, y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert scaler.get_scale() != 1024.0
+    assert_models_close(scaled, plain, rtol=1e-5, atol=1e-6)
+    for p, q in zip(scaled.parameters(), plain.parameters()):
+        torch.testing.assert_close(opt.momentum[p], popt.momentum[q], rtol=1e-5, atol=1e-6)
+
+
+def test_friendly_sam_non_finite_first_gradient_starts_the_ema_at_zero():
+    model = make_mlp()
+    opt = fastsam.FriendlySAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batches(1)[0]
+    loss_of(model, x, y).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    opt.first_step(zero_grad=True)
+    assert bool(opt.perturbation_skipped)
+    assert all(torch.equal(m, torch.zeros_like(m)) for m in opt.momentum.values())
+    opt.restore()
+    loss_of(model, x, y).backward()
+    g = {p: p.grad.clone() for p in model.parameters()}
+    opt.first_step(zero_grad=True)
+    for p, m in opt.momentum.items():
+        torch.testing.assert_close(m, 0.1 * g[p])  # (1 - lmbda) g into a zero EMA

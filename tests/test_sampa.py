@@ -288,3 +288,15 @@ def test_two_gloo_processes_match_the_one_process_update(tmp_path):
     one, _ = run_one_process(batches(steps), dtype=torch.float32)
     for a, b in zip(ranks[0]["params"], one.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_fastsam_train_runs_sampa_in_one_process():
+    from fastsam import train
+
+    model = train.DigitsNet()
+    opt = train.make_optimizer("sampa", model.parameters(), 0.05, "torch", model=model)
+    assert isinstance(opt, fastsam.SAMPa) and not opt.parallel and train.OPTIMIZERS["sampa"].drive == "loss_closure"
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure_for(model, x, y))
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -211,3 +211,19 @@ def test_wsam_with_grad_scaler_matches_unscaled_run():
         scaler.update()
         opt.zero_grad()
     assert_models_close(scaled, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_wsam_and_friendly_sam_deepcopy_continue_identically():
+    import copy
+
+    for cls, kw in ((fastsam.WSAM, dict(gamma=0.8, max_norm=1.0)), (fastsam.FriendlySAM, dict(sigma=0.5))):
+        model = make_mlp()
+        opt = cls(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **kw)
+        data = batches(6)
+        for x, y in data[:3]:
+            sam_step(model, opt, x, y)
+        model2, opt2 = copy.deepcopy((model, opt))
+        for x, y in data[3:]:
+            sam_step(model, opt, x, y)
+            sam_step(model2, opt2, x, y)
+        assert_models_equal(model2, model)

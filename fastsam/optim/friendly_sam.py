@@ -28,10 +28,10 @@ import torch
 from fastsam import ops
 from fastsam.ops.ema_direction import check_ema_args
 
-from ._variant_utils import buckets_of, check_ops_registered, copy_grads_to_buffers, resolve_for
+from ._variant_utils import buckets_of, check_ops_registered, resolve_for
 from .sam import SAM
 
-_OPS = ("ema_direction", "grad_norm", "restore")
+_OPS = ("ema_direction", "grad_norm")
 
 
 class FriendlySAM(SAM):
@@ -45,7 +45,9 @@ class FriendlySAM(SAM):
 
     ``sigma`` and ``lmbda`` are attributes (``opt.sigma``, ``opt.lmbda``), checked before every step.
     ``momentum`` maps each parameter to its EMA. After ``first_step``, ``.grad`` holds ``d`` (as in
-    the authors' code); zero it before the second backward as usual.
+    the authors' code); zero it before the second backward as usual. A parameter's EMA starts as a
+    copy of its first gradient; if that gradient is not finite (the step is skipped), it starts at 0
+    and the next finite gradient enters it with weight ``1 - lmbda``.
     """
 
     _supports_sharded_params = False  # not shard-aware yet (see fastsam/optim/_sharding.py)
@@ -92,17 +94,18 @@ class FriendlySAM(SAM):
             part = fn([p.grad for p in ps], None, "plain", 0.0)
             sq = part if sq is None else sq + part.to(sq.device, non_blocking=True)
         skip = (~torch.isfinite(sq)).to(torch.float32)
-        fresh = [p for p in params if p not in momentum or momentum[p].shape != p.grad.shape
-                 or momentum[p].dtype != p.grad.dtype or momentum[p].device != p.grad.device]
-        if fresh:  # m = g: the first gradient a parameter sees (d = g then)
-            momentum.update(copy_grads_to_buffers(self.backend, fresh, {}))
-        fresh_ids = {id(p) for p in fresh}
+        fresh = {id(p) for p in params if p not in momentum or momentum[p].shape != p.grad.shape
+                 or momentum[p].dtype != p.grad.dtype or momentum[p].device != p.grad.device}
+        for p in params:
+            if id(p) in fresh:  # m starts at 0; the op with sigma = lmbda = 0 then sets m = g (exactly), d = g
+                momentum[p] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
         for (device, dtype), ps in buckets.items():
-            ready = [p for p in ps if id(p) not in fresh_ids]
-            if ready:
-                _, fn = ops.resolve("ema_direction", self.backend, device, dtype)
-                fn([p.grad for p in ready], [momentum[p] for p in ready], self.sigma, self.lmbda,
-                   skip.to(device, non_blocking=True))
+            _, fn = ops.resolve("ema_direction", self.backend, device, dtype)
+            device_skip = skip.to(device, non_blocking=True)
+            for coefs, part in (((0.0, 0.0), [p for p in ps if id(p) in fresh]),
+                                ((self.sigma, self.lmbda), [p for p in ps if id(p) not in fresh])):
+                if part:
+                    fn([p.grad for p in part], [momentum[p] for p in part], *coefs, device_skip)
 
     # ------------------------------------------------------------------ state
 
