@@ -210,10 +210,14 @@ setup(
         "triton": ["triton>=3.6"],
         "train": ["scikit-learn"],
         "plot": ["matplotlib"],  # fastsam.sharpness.plot_landscape, fastsam sharpness
+        # fastsam.integrations.*: the Hugging Face Trainer (with accelerate, which its Trainer needs) and
+        # timm (which pulls torchvision: take the release made for your torch).
+        "transformers": ["transformers>=5.0", "accelerate>=1.0"],
+        "timm": ["timm>=1.0"],
         # Everything the test suite exercises: the Triton interpreter, the plots and the peer of the
-        # benchmarks, and the Lightning example.
+        # benchmarks, the Lightning example, and both integrations.
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "triton>=3.6", "matplotlib", "pytorch-optimizer",
-                 "lightning"],
+                 "lightning", "transformers>=5.0", "accelerate>=1.0", "timm>=1.0"],
         "bench": ["pytest-benchmark", "matplotlib", "triton>=3.6", "pytorch-optimizer"],
         "examples": ["lightning"],
     },

@@ -206,3 +206,26 @@ def test_bsam_low_precision_runs():
     for _ in range(3):
         opt.step(closure)
     assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_bsam_refuses_duplicates_and_mismatched_checkpoints_before_changing_anything():
+    model = make_mlp()
+    w, b = model[0].weight, model[0].bias
+    for params in ([w, b, w], [dict(params=[w, b]), dict(params=[model[2].weight, w])]):
+        with pytest.raises(ValueError, match="more than once"):
+            fastsam.BSAM(params, NUM_DATA)
+    opt = fastsam.BSAM([dict(params=[w]), dict(params=[b])], NUM_DATA)
+    with pytest.raises(ValueError, match="more than once"):
+        opt.add_param_group(dict(params=[model[2].weight, w]))
+    assert len(opt.param_groups) == 2
+    opt.add_param_group(dict(params=[model[2].weight, model[2].bias]))
+    assert len(opt.param_groups) == 3
+
+    trained, opt, _ = run_bsam(model, batches(2))
+    other, other_opt, _ = run_bsam(make_mlp(width=9), batches(2))
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"parameter 0 has shape \(16, 10\).*\(9, 10\)"):
+        opt.load_state_dict(other_opt.state_dict())
+    after = opt.state_dict()
+    for i, entry in before["state"].items():
+        assert all(torch.equal(t, after["state"][i][k]) for k, t in entry.items())

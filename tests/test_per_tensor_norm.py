@@ -34,11 +34,15 @@ def test_per_tensor_norm_matches_reference(device, backend, dtype):
     for shapes in shape_sets(gen):
         xs = randn_list(shapes, dtype, device, gen, scale=1.3)
         norms = ops.per_tensor_norm(xs, backend=backend)
-        assert norms.dtype == torch.float32 and norms.shape == (len(xs),) and norms.device.type == device
-        # fp32 accumulation over up to 278011 terms: relative error well below 1e-5 (inputs are exact).
-        torch.testing.assert_close(norms.double().cpu(), reference_norms(xs), rtol=2e-5, atol=1e-6)
+        expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        assert norms.dtype == expected_dtype and norms.shape == (len(xs),) and norms.device.type == device
+        # fp32 accumulation over up to 278011 terms: relative error well below 1e-5 (inputs are exact);
+        # fp64 buckets are reduced in fp64.
+        tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(norms.double().cpu(), reference_norms(xs), **tol)
         sq = ops.per_tensor_sq_norms(xs, backend=backend)
-        torch.testing.assert_close(sq.double().cpu(), reference_norms(xs) ** 2, rtol=4e-5, atol=1e-6)
+        torch.testing.assert_close(sq.double().cpu(), reference_norms(xs) ** 2,
+                                   **(tol if dtype == torch.float64 else dict(rtol=4e-5, atol=1e-6)))
 
 
 @pytest.mark.parametrize("device,backend,dtype", backend_cases("per_tensor_norm", [torch.float32]))
@@ -59,7 +63,9 @@ def test_per_tensor_norm_mixed_buckets_empty_tensors_and_errors():
     xs = (randn_list([(100,), (7, 3)], torch.float32, "cpu", gen) + [torch.empty(0)]
           + randn_list([(50,)], torch.bfloat16, "cpu", gen) + randn_list([(4, 4)], torch.float64, "cpu", gen))
     norms = ops.per_tensor_norm(xs, backend="torch")
-    assert norms.shape == (5,) and norms[2] == 0
+    assert norms.shape == (5,) and norms[2] == 0 and norms.dtype == torch.float32  # mixed: fp32
+    fp64 = randn_list([(3,), (4097,)], torch.float64, "cpu", gen)
+    assert ops.per_tensor_norm(fp64 + [torch.empty(0, dtype=torch.float64)]).dtype == torch.float64
     torch.testing.assert_close(norms.double(), reference_norms(xs), rtol=2e-5, atol=1e-6)
     with pytest.raises(ValueError, match="at least one"):
         ops.per_tensor_norm([])

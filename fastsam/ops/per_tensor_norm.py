@@ -7,11 +7,12 @@ WT-AWP (Wu et al., AAAI 2023) perturb layer ``l`` by ``rho ||w_l|| g_l / ||g_l||
 al., 2022) likewise; both norms come from this op and the scale vector from a handful of ops on a
 length-``T`` vector (see :func:`fastsam.ops.perturb_per_tensor_`).
 
-Accumulation is fp32 whatever the storage dtype (fp64 keeps fp64 on the torch backend), in a fixed
-order, so the result is deterministic; it stays on the device. An empty tensor has norm 0.
+Accumulation is fp32 whatever the storage dtype, in a fixed order, so the result is deterministic;
+it stays on the device. fp64 tensors (torch backend) are reduced, and returned, in fp64; a list
+that mixes fp64 with other dtypes gets fp32. An empty tensor has norm 0.
 
-Backend contract (``register("per_tensor_norm", backend)``): ``fn(tensors) -> fp32[len(tensors)]``,
-the *squared* norms of one bucket (one device, one dtype, no empty tensor: the wrapper below drops
+Backend contract (``register("per_tensor_norm", backend)``): ``fn(tensors) -> fp32[len(tensors)]``
+(fp64 for an fp64 bucket), the *squared* norms of one bucket (one device, one dtype, no empty tensor: the wrapper below drops
 those), in a constant number of launches whatever the number of tensors.
 """
 
@@ -40,13 +41,14 @@ def per_tensor_sq_norms(tensors: list[torch.Tensor], *, backend: str | None = "a
         (device, dtype), _ = next(iter(groups.items()))
         _, fn = resolve("per_tensor_norm", backend, device, dtype)
         return fn(tensors)
-    out = torch.zeros(len(tensors), dtype=FP32, device=out_device)
+    all_fp64 = all(t.dtype == torch.float64 for t in tensors)
+    out = torch.zeros(len(tensors), dtype=torch.float64 if all_fp64 else FP32, device=out_device)
     for (device, dtype), idx in groups.items():
         idx = [i for i in idx if tensors[i].numel()]
         if not idx:
             continue
         _, fn = resolve("per_tensor_norm", backend, device, dtype)
-        part = fn([tensors[i] for i in idx]).to(out_device, non_blocking=True)
+        part = fn([tensors[i] for i in idx]).to(device=out_device, dtype=out.dtype, non_blocking=True)
         out.index_copy_(0, torch.tensor(idx, device=out_device), part)
     return out
 
@@ -69,10 +71,11 @@ _segments: dict[tuple, torch.Tensor] = {}
 @register("per_tensor_norm", "torch")
 def per_tensor_sq_norms_torch(tensors) -> torch.Tensor:
     device = tensors[0].device
-    dtype = None if tensors[0].dtype == torch.float64 else FP32
+    fp64 = tensors[0].dtype == torch.float64
+    dtype, out_dtype = (None, torch.float64) if fp64 else (FP32, FP32)
     if device.type != "cpu" or all(t.numel() <= _CHUNK for t in tensors):
         norms = torch._foreach_norm(tensors, 2, dtype=dtype)
-        return torch.stack(norms).double().square().to(FP32)
+        return torch.stack(norms).double().square().to(out_dtype)
     pieces, owner = [], []
     for i, t in enumerate(tensors):
         n = t.numel()
@@ -91,7 +94,7 @@ def per_tensor_sq_norms_torch(tensors) -> torch.Tensor:
         if len(_segments) > 64:
             _segments.pop(next(iter(_segments)))
     parts = torch.stack(torch._foreach_norm(pieces, 2, dtype=dtype)).double().square()
-    return torch.zeros(len(tensors), dtype=torch.float64).index_add_(0, seg, parts).to(FP32)
+    return torch.zeros(len(tensors), dtype=torch.float64).index_add_(0, seg, parts).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------

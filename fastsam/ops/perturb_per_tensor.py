@@ -15,8 +15,8 @@ step stays free of host synchronisation. (``s_t = 0`` with a non-finite ``g_t`` 
 weights, so a caller must not rely on a zero scale to skip a non-finite gradient.)
 
 Backend contract (``register("perturb_per_tensor", backend)``): ``fn(params, grads, backups,
-scales) -> None`` on one bucket (one device, one dtype, no empty tensor); ``scales`` is fp32 of
-length ``len(params)`` on the bucket's device; all math in fp32; a constant number of launches.
+scales) -> None`` on one bucket (one device, one dtype, no empty tensor); ``scales`` is fp32 (fp64 for
+an fp64 bucket) of length ``len(params)`` on the bucket's device; all math in fp32; a constant number of launches.
 """
 
 from __future__ import annotations
@@ -44,15 +44,19 @@ def perturb_per_tensor_(params: list[torch.Tensor], grads: list[torch.Tensor], b
     if len(groups) == 1 and all(p.numel() for p in params):  # the usual case: one bucket, nothing empty
         (device, dtype), _ = next(iter(groups.items()))
         _, fn = resolve("perturb_per_tensor", backend, device, dtype)
-        fn(params, grads, backups, scales.to(device=device, dtype=FP32, non_blocking=True))
+        fn(params, grads, backups, scales.to(device=device, dtype=_scale_dtype(dtype), non_blocking=True))
         return
     fns = {key: resolve("perturb_per_tensor", backend, *key)[1] for key in groups}  # all before any write
     for (device, dtype), idx in groups.items():
         idx = [i for i in idx if params[i].numel()]
         if not idx:
             continue
-        s = scales.to(device=device, dtype=FP32, non_blocking=True)[torch.tensor(idx, device=device)]
+        s = scales.to(device=device, dtype=_scale_dtype(dtype), non_blocking=True)[torch.tensor(idx, device=device)]
         fns[(device, dtype)]([params[i] for i in idx], [grads[i] for i in idx], [backups[i] for i in idx], s)
+
+
+def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else FP32
 
 
 # --------------------------------------------------------------------------------------------

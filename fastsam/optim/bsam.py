@@ -91,6 +91,8 @@ class BSAM(torch.optim.Optimizer):
         self.s_init = float(s_init)
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=float(weight_decay), rho=float(rho),
                         adaptive=bool(adaptive), damping=float(damping))
+        params = list(params) if not isinstance(params, torch.Tensor) else [params]
+        self._refuse_duplicates(self._as_groups(params))  # before torch's loader (which only warns, or says less)
         super().__init__(params, defaults)
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())  # at construction, not in a step
@@ -104,6 +106,36 @@ class BSAM(torch.optim.Optimizer):
         self._ascended: set = set()
 
     # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _as_groups(params: list) -> list:
+        """``params`` as a list of ``{"params": [tensors]}`` (names dropped), for the duplicate check."""
+        if params and all(isinstance(g, dict) for g in params):
+            return [dict(params=[p[1] if isinstance(p, tuple) else p for p in
+                                 ([g["params"]] if isinstance(g["params"], torch.Tensor) else g["params"])])
+                    for g in params]
+        return [dict(params=[p[1] if isinstance(p, tuple) else p for p in params])]
+
+    @staticmethod
+    def _refuse_duplicates(groups) -> None:
+        seen = set()
+        for group in groups:
+            for p in group["params"]:
+                if id(p) in seen:
+                    raise ValueError(f"BSAM: a parameter of shape {tuple(p.shape)} is listed more than once (it "
+                                     "would get two noise draws and two updates per step)")
+                seen.add(id(p))
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "_generators" in self.__dict__:  # not during torch's __init__ (checked there as a whole)
+            params = param_group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            self._refuse_duplicates(self.param_groups + [dict(param_group, params=params)])
+            param_group = dict(param_group, params=params)
+        super().add_param_group(param_group)
+        if "_generators" in self.__dict__:
+            for p in param_group["params"]:
+                self._generator(p.device)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -261,11 +293,26 @@ class BSAM(torch.optim.Optimizer):
         if self._stage != "idle":
             raise RuntimeError("load_state_dict() in the middle of a BSAM step: call third_step() or restore() first")
         extra = state_dict.get("fastsam") or {}
+        self._check_state_shapes(state_dict)  # before anything is loaded: a refused load changes nothing
         super().load_state_dict(state_dict)
         self.seed = int(extra.get("seed", self.seed))
         self._generators = {}
         for key, gen_state in (extra.get("generators") or {}).items():
             self._generator(torch.device(key)).set_state(gen_state)
+
+    def _check_state_shapes(self, state_dict: dict) -> None:
+        params = self._all_params()
+        saved = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
+        index_to_param = dict(zip(saved, params))
+        for i, entry in (state_dict.get("state") or {}).items():
+            p = index_to_param.get(i)
+            if p is None:
+                continue  # torch's loader reports group mismatches itself
+            for key in ("momentum", "precision"):
+                t = entry.get(key)
+                if isinstance(t, torch.Tensor) and t.shape != p.shape:
+                    raise ValueError(f"BSAM.load_state_dict: parameter {params.index(p)} has shape {tuple(p.shape)} "
+                                     f"but the checkpoint's {key} has shape {tuple(t.shape)}")
 
     def __getstate__(self):
         state = super().__getstate__()

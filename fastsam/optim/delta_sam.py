@@ -85,9 +85,15 @@ class DeltaSAM(SAM):
     def step(self, closure=None):
         """One δ-SAM step driven by ``closure(indices=None) -> per-sample losses``; returns the mean first-pass loss.
 
-        ``.grad`` is cleared at the start; at the end it holds the mean gradient at ``w + e``. If
+        ``.grad`` is cleared once the first closure call's output is accepted; at the end it holds the
+        mean gradient at ``w + e``. ``step()`` without a closure right after ``first_step`` (what
+        ``GradScaler.step`` does in the two-call form) finishes that step. If
         anything raises after a perturbation, the weights are restored before it propagates.
         """
+        if closure is None and self._perturbed is not None:
+            # The two-call form finished by GradScaler.step(opt), which calls step() with no closure.
+            self.second_step()
+            return None
         if closure is None:
             raise RuntimeError("DeltaSAM.step() needs closure(indices=None) returning per-sample losses; DeltaSAM "
                                "runs all forward/backward passes itself (see help(fastsam.DeltaSAM))")
@@ -95,12 +101,13 @@ class DeltaSAM(SAM):
             raise RuntimeError("DeltaSAM.step() called between first_step() and second_step(); finish that step first")
         temperature = check_temperature(self.temperature)
         with_grad = torch.enable_grad()(closure)
-        self.zero_grad(set_to_none=True)
 
-        # 1. First pass at w: per-sample losses and the mean's gradient g.
+        # 1. First pass at w: per-sample losses and the mean's gradient g. ``.grad`` is cleared only
+        #    once the closure's output is accepted (a rejected closure leaves it as it was).
         sync = self.dp_perturbation == "global"
         with sync_context(self.model, sync=sync):
             losses = per_sample_losses(with_grad(), None, "DeltaSAM")
+            self.zero_grad(set_to_none=True)
             losses.mean().backward()
         loss_before = losses.detach()
         del losses
