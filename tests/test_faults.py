@@ -28,8 +28,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Gaps of the table in classes outside issue 12's scope, recorded where they were found: strict
 # xfails, so each one fails the suite as soon as its class is fixed (then delete its line here).
 KNOWN_GAPS = {
-    ("test_refused_load_is_atomic", "SAMPa"): "SAMPa.load_state_dict does not check state shapes yet",
-    ("test_duplicate_parameters_are_refused", "SAMPa"): "SAMPa does not refuse duplicate parameters yet",
 }
 
 

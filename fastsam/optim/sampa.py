@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from fastsam import ops
 
+from . import _checkpoint
 from ._variant_utils import materialize_params
 
 
@@ -214,12 +215,28 @@ class SAMPa(torch.optim.Optimizer):
         sd[self.EXTRA_STATE_KEY] = {"sampa_grad_y": self._gy.clone(), "steps": self._steps, "lam": self.lam}
         return sd
 
+    def add_param_group(self, param_group: dict) -> None:
+        _checkpoint.check_no_duplicates(param_group, self.__dict__.get("param_groups", []))
+        super().add_param_group(param_group)
+
     def load_state_dict(self, state_dict: dict) -> None:
+        # Every state tensor checked against its parameter first, then loaded all-or-nothing: see
+        # [note: what load_state_dict checks] in _checkpoint.py.
+        checked = _checkpoint.checked_state_dict(self, state_dict, self._check_group)
         extra = state_dict.get(self.EXTRA_STATE_KEY) or {}
         gy = extra.get("sampa_grad_y")
         if gy is not None and gy.numel() != self._numel:
             raise ValueError(f"the saved SAMPa auxiliary gradient has {gy.numel()} elements, this optimizer's "
                              f"parameters {self._numel}")
+        base = self.base_optimizer
+        saved_base = (base.param_groups, base.state)
+        try:
+            _checkpoint.atomic_load(self, lambda: self._load_checked(checked, extra, gy))
+        except BaseException:
+            base.param_groups, base.state = saved_base
+            raise
+
+    def _load_checked(self, state_dict: dict, extra: dict, gy) -> None:
         super().load_state_dict({k: v for k, v in state_dict.items() if k != self.EXTRA_STATE_KEY})
         self.base_optimizer.state = self.state
         self.base_optimizer.param_groups = self.param_groups
