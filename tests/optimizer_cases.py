@@ -126,7 +126,12 @@ CASES: list[OptimizerCase] = [
                   lambda ps, base, **kw: fastsam.DeltaSAM(ps, base, rho=0.05, temperature=1.0, **kw),
                   drive="per_sample"),
     OptimizerCase("AWP", fastsam.AWP, lambda ps, base, **kw: fastsam.AWP(ps, base, rho=0.01, **kw)),
-    OptimizerCase("HERO", fastsam.HERO, lambda ps, base, **kw: fastsam.HERO(ps, base, rho=0.01, **kw)),
+    # WT-AWP: the mix lmbda g(w) + (1 - lmbda) g(w + e), 1-D tensors perturbed too
+    OptimizerCase("WT-AWP", fastsam.AWP,
+                  lambda ps, base, **kw: fastsam.AWP(ps, base, rho=0.05, lmbda=0.5, perturb_1d=True, **kw),
+                  fused_ops=("grad_mix",)),
+    OptimizerCase("HERO", fastsam.HERO, lambda ps, base, **kw: fastsam.HERO(ps, base, rho=0.01, gamma=0.5, **kw),
+                  fused_ops=("grad_mix",)),
     OptimizerCase("WSAM", fastsam.WSAM, lambda ps, base, **kw: fastsam.WSAM(ps, base, rho=0.05, gamma=0.9, **kw)),
     OptimizerCase("FriendlySAM", fastsam.FriendlySAM,
                   lambda ps, base, **kw: fastsam.FriendlySAM(ps, base, rho=0.05, sigma=1.0, lmbda=0.9, **kw)),

@@ -28,8 +28,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Gaps of the table in classes outside issue 12's scope, recorded where they were found: strict
 # xfails, so each one fails the suite as soon as its class is fixed (then delete its line here).
 KNOWN_GAPS = {
-    ("test_refused_load_is_atomic", "SAMPa"): "SAMPa.load_state_dict does not check state shapes yet",
-    ("test_duplicate_parameters_are_refused", "SAMPa"): "SAMPa does not refuse duplicate parameters yet",
 }
 
 
@@ -234,6 +232,13 @@ calls = {
     "gsam_combine": lambda f, o: f(lists(good), o, stats, 0.3),
     "looksam_orthogonal": lambda f, o: f(lists(good), o, lists(good), stats),
     "looksam_combine": lambda f, o: f(lists(good), o, norm, norm, 0.5),
+    "perturb_per_tensor": lambda f, o: f(lists(good), o, lists(good), torch.ones(2)),
+    "grad_mix": lambda f, o: f(lists(good), o, 0.5, 0.5, False, torch.zeros(())),
+    "ema_direction": lambda f, o: f(lists(good), o, 1.0, 0.9, torch.zeros(())),
+    "momentum_sam_sgd": lambda f, o: f(lists(good), lists(good), o, torch.zeros(()), 0.1, 0.9, 0.0, False),
+    "momentum_sam_adamw": lambda f, o: f(lists(good), lists(good), o, lists(good), torch.zeros(()), 0.1, 0.9,
+                                         0.999, 1e-8, 0.0, 1),
+    "momentum_sam_shift": lambda f, o: f(lists(good), o, torch.zeros(()), None),
 }
 for op, call in calls.items():
     for backend, fn in ops.implementations(op).items():
@@ -257,7 +262,7 @@ def test_every_backend_checks_lengths_and_shapes_before_launching():
     assert "UNCHECKED" not in out, out
     backends = eval(out.splitlines()[0].split(" ", 1)[1])
     assert "torch" in backends
-    n_ops = 9
+    n_ops = 15
     assert out.count("OK ") >= 2 * n_ops, out
 
 
