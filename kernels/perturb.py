@@ -58,17 +58,37 @@ def perturb_kernel(meta, n_tensors, norm_ptr, rho, eta, eps, beta, seed, offset,
     scale = tl.div_rn(rho, norm + eps)
     if SWP:
         scale = tl.div_rn(scale, beta)
-    offs = start + tl.arange(0, BLOCK)
+    # [note: int32 offsets in the block] The block's base (int64) moves into the pointers and the
+    # per-element offsets stay int32: with int64 offsets every element carried its own 64-bit
+    # address, 162 registers for an unaligned fp32 block on sm_90 (triton 3.9) instead of 80.
+    w_ptr += start
+    g_ptr += start
+    b_ptr += start
+    offs = tl.arange(0, BLOCK)
     if SWP:
-        # Element i of the bucket draws counter offset + i: the tensor's running start plus offs.
-        counters = offset + tl.load(meta + 4 * n_tensors + t) + offs
+        # Element i of the bucket draws counter offset + i: the tensor's running start plus the block's.
+        counters = (offset + tl.load(meta + 4 * n_tensors + t) + start) + offs
     else:
         counters = offs  # unused
     if start + BLOCK <= numel:
         _perturb_block(w_ptr, g_ptr, b_ptr, offs, tl.full([BLOCK], 1, tl.int1), counters, scale, finite, eta, beta,
                        seed, MODE, SWP)
     else:
-        _perturb_block(w_ptr, g_ptr, b_ptr, offs, offs < numel, counters, scale, finite, eta, beta, seed, MODE, SWP)
+        _perturb_block(w_ptr, g_ptr, b_ptr, offs, offs < numel - start, counters, scale, finite, eta, beta, seed,
+                       MODE, SWP)
+
+
+# SWP draws one Philox counter per element (ten rounds on four 32-bit words): with the usual 16
+# elements per thread (4 warps) the draws took up to 234 registers on triton 3.7 and 222 on 3.9 for
+# sm_90 (two blocks per SM: too few bytes in flight for a streaming kernel). Eight warps halve the
+# elements per thread: 52-66 registers on triton 3.7, 51-80 on 3.9 (sm_90 and sm_80; tests/gpuless,
+# bench/results/gpuless_resources.csv).
+SWP_NUM_WARPS = 8
+
+
+def swp_num_warps(swp: bool) -> int | None:
+    """Warps per program: ``SWP_NUM_WARPS`` for a masked perturbation, else the default."""
+    return SWP_NUM_WARPS if swp else None
 
 
 def perturb_(params, grads, backups, norm: torch.Tensor, rho: float, mode: str, eta: float, eps: float,
@@ -84,7 +104,8 @@ def perturb_(params, grads, backups, norm: torch.Tensor, rho: float, mode: str, 
         tab = table([ps, gs, bs], block)
         norm = norm.to(device=device, dtype=torch.float32).reshape(())
         launch_table(perturb_kernel, tab, norm, float(rho), float(eta), float(eps), float(beta), _as_int64(seed),
-                     int(offset), DTYPE=tl_dtype(ps[0].dtype), MODE=MODES[mode], SWP=beta < 1.0, BLOCK=block)
+                     int(offset), DTYPE=tl_dtype(ps[0].dtype), MODE=MODES[mode], SWP=beta < 1.0, BLOCK=block,
+                     num_warps=swp_num_warps(beta < 1.0))
     copy_back(write_back)
 
 

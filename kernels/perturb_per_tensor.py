@@ -29,14 +29,18 @@ def perturb_per_tensor_kernel(meta, n_tensors, scales, DTYPE: tl.constexpr, ALIG
     scale = tl.load(scales + t).to(tl.float32)
     # See _multi_tensor's note on scalar conditions under the interpreter.
     finite = tl.where(tl.abs(scale) < float("inf"), tl.full([BLOCK], 1, tl.int32), 0) != 0  # inf, NaN: False
-    offs = start + tl.arange(0, BLOCK)
+    # int32 offsets in the block, its int64 base in the pointers (see perturb.py's note on this)
+    w_ptr += start
+    g_ptr += start
+    b_ptr += start
+    offs = tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         w_raw = tl.load(w_ptr + offs)
         tl.store(b_ptr + offs, w_raw)
         g = tl.load(g_ptr + offs).to(tl.float32)
         tl.store(w_ptr + offs, (w_raw.to(tl.float32) + scale * g).to(w_raw.dtype), mask=finite)
     else:
-        mask = offs < numel
+        mask = offs < numel - start
         w_raw = tl.load(w_ptr + offs, mask=mask)
         tl.store(b_ptr + offs, w_raw, mask=mask)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)

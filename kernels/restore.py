@@ -22,11 +22,14 @@ def restore_kernel(meta, n_tensors, DTYPE: tl.constexpr, ALIGN: tl.constexpr, BL
     start = (pid - tl.load(meta + 4 * n_tensors + t)) * BLOCK
     w_ptr = tl.multiple_of(tl.load(meta + t).to(tl.pointer_type(DTYPE)), ALIGN)
     b_ptr = tl.multiple_of(tl.load(meta + n_tensors + t).to(tl.pointer_type(DTYPE)), ALIGN)
-    offs = start + tl.arange(0, BLOCK)
+    # int32 offsets in the block, its int64 base in the pointers (see perturb.py's note on this)
+    w_ptr += start
+    b_ptr += start
+    offs = tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         tl.store(w_ptr + offs, tl.load(b_ptr + offs))
     else:
-        mask = offs < numel
+        mask = offs < numel - start
         tl.store(w_ptr + offs, tl.load(b_ptr + offs, mask=mask), mask=mask)
 
 

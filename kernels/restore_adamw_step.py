@@ -35,6 +35,11 @@ from ._multi_tensor import block_size, copy_back, dense_lists, launch, launch_ta
 
 STEP_BLOCK = 1024
 _STEP_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+# Eight warps (8 elements per thread in a 2048-element block): the step keeps five to six values per
+# element live in fp32 plus the fp64 bias corrections; with four warps that took 140-255 registers
+# on sm_90 (spilling for fp16/bf16 with every flag on), with eight 62-102 on sm_90 and sm_80, triton
+# 3.7 and 3.9 (tests/gpuless, bench/results/gpuless_resources.csv).
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -111,13 +116,20 @@ def restore_adamw_step_kernel(meta, n_tensors, lr_value, lr_ptr, beta1, one_minu
     bias_correction2 = 1.0 - tl.exp(step * ln_beta2)
     step_size = (tl.cast(lr, tl.float64) / bias_correction1).to(tl.float32)
     bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
-    offs = start + tl.arange(0, BLOCK)
+    # int32 offsets in the block, its int64 base in the pointers (see perturb.py's note on this)
+    w_ptr += start
+    g_ptr += start
+    b_ptr += start
+    m_ptr += start
+    v_ptr += start
+    vmax_ptr += start
+    offs = tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         _adamw_block(w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, offs, tl.full([BLOCK], 1, tl.int1), lr, beta1,
                      one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bias_correction2_sqrt,
                      grad_scale, step_ok, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, HAS_WEIGHT_DECAY)
     else:
-        _adamw_block(w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < numel, lr, beta1, one_minus_beta1,
+        _adamw_block(w_ptr, g_ptr, b_ptr, m_ptr, v_ptr, vmax_ptr, offs, offs < numel - start, lr, beta1, one_minus_beta1,
                      beta2, one_minus_beta2, eps, weight_decay, step_size, bias_correction2_sqrt, grad_scale,
                      step_ok, AMSGRAD, MAXIMIZE, HAS_GRAD_SCALE, HAS_WEIGHT_DECAY)
 
@@ -178,7 +190,8 @@ def restore_adamw_step_(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_a
                      float(eps), float(weight_decay), scalar(grad_scale), scalar(found_inf), DTYPE=tl_dtype(params[0].dtype),
                      STEP_DTYPE=_STEP_DTYPES[step_dtype], N_LISTS=len(lists), LR_ON_DEVICE=lr_tensor is not None,
                      AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None,
-                     HAS_FOUND_INF=found_inf is not None, HAS_WEIGHT_DECAY=weight_decay != 0, BLOCK=block)
+                     HAS_FOUND_INF=found_inf is not None, HAS_WEIGHT_DECAY=weight_decay != 0, BLOCK=block,
+                     num_warps=NUM_WARPS)
     copy_back(write_back)
     # Every counter moves, empty parameters' included (as in torch).
     step_table = table([steps], 1, address_only=(0,))  # one part: row 0 is every counter's address

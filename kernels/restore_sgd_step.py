@@ -22,6 +22,11 @@ import triton.language as tl
 
 from ._multi_tensor import block_size, copy_back, dense_lists, launch_table, table, tl_dtype
 
+# Eight warps (8 elements per thread in a 2048-element block): with four, the momentum variants took
+# up to 168 registers on sm_90 and spilled (fp16/bf16 with nesterov and found-inf, triton 3.7 and 3.9);
+# see bench/results/gpuless_resources.csv for the counts with eight.
+NUM_WARPS = 8
+
 
 @triton.jit
 def _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, mask, lr, momentum, one_minus_dampening, weight_decay, grad_scale,
@@ -81,13 +86,18 @@ def restore_sgd_step_kernel(meta, n_tensors, lr_value, lr_ptr, momentum, one_min
         step_ok = tl.where(tl.load(found_inf_ptr) == 0, tl.full([BLOCK], 1, tl.int32), 0) != 0
     else:
         step_ok = tl.full([BLOCK], 1, tl.int1)
-    offs = start + tl.arange(0, BLOCK)
+    # int32 offsets in the block, its int64 base in the pointers (see perturb.py's note on this)
+    w_ptr += start
+    g_ptr += start
+    b_ptr += start
+    m_ptr += start
+    offs = tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
         _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, tl.full([BLOCK], 1, tl.int1), lr, momentum,
                    one_minus_dampening, weight_decay, grad_scale, step_ok, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE,
                    HAS_GRAD_SCALE, HAS_WEIGHT_DECAY)
     else:
-        _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, offs < numel, lr, momentum, one_minus_dampening, weight_decay,
+        _sgd_block(w_ptr, g_ptr, b_ptr, m_ptr, offs, offs < numel - start, lr, momentum, one_minus_dampening, weight_decay,
                    grad_scale, step_ok, HAS_MOMENTUM, FIRST, NESTEROV, MAXIMIZE, HAS_GRAD_SCALE, HAS_WEIGHT_DECAY)
 
 
@@ -113,7 +123,7 @@ def restore_sgd_step_(params, grads, backups, momentum_buffers, lr, lr_tensor, m
                      DTYPE=tl_dtype(params[0].dtype), N_LISTS=len(lists), LR_ON_DEVICE=lr_tensor is not None,
                      HAS_MOMENTUM=has_momentum, FIRST=bool(is_first_step), NESTEROV=bool(nesterov),
                      MAXIMIZE=bool(maximize), HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-                     HAS_WEIGHT_DECAY=weight_decay != 0, BLOCK=block)
+                     HAS_WEIGHT_DECAY=weight_decay != 0, BLOCK=block, num_warps=NUM_WARPS)
     copy_back(write_back)
 
 

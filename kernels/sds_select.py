@@ -42,7 +42,10 @@ def sharpness(before_ptr, after_ptr, idx, mask):
 
 @triton.jit
 def sds_select_kernel(before_ptr, after_ptr, n, k, out_ptr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    # int32 indices: n <= MAX_ONE_LAUNCH_BATCH = 65536 (the launcher sends larger batches to torch).
+    # With int64 ones the O(B^2) inner loop held every index pair in two registers: 255 registers and
+    # local-memory spills on sm_90 (triton 3.9).
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_i = i < n
     s_i = sharpness(before_ptr, after_ptr, i, mask_i)
     # Counts accumulate per (i, j-lane) and are summed once at the end: no reduction in the loop.
@@ -58,10 +61,19 @@ def sds_select_kernel(before_ptr, after_ptr, n, k, out_ptr, BLOCK_I: tl.constexp
 
 
 def tile_sizes(n: int) -> tuple[int, int]:
-    """(BLOCK_I, BLOCK_J): small tiles on a GPU (many programs), large ones for the interpreter."""
-    cap_i, cap_j = (256, 4096) if interpreted() else (64, 128)
+    """(BLOCK_I, BLOCK_J): small tiles on a GPU (many programs), large ones for the interpreter.
+
+    On a GPU a full tile is 32 x 128 comparisons over 8 warps (16 per thread and iteration: 80
+    registers on sm_90/sm_80 with triton 3.7 and 3.9; 64 x 128 over 4 warps needed 255 and spilled).
+    """
+    cap_i, cap_j = (256, 4096) if interpreted() else (32, 128)
     p2 = triton.next_power_of_2(n)
     return min(cap_i, p2), min(cap_j, p2)
+
+
+def num_warps(block_i: int, block_j: int) -> int:
+    """8 warps for a full GPU tile (see :func:`tile_sizes`), 4 for the small tiles of small batches."""
+    return 8 if block_i * block_j >= 4096 else 4
 
 
 def sds_select(loss_before: torch.Tensor, loss_after: torch.Tensor, k: int) -> torch.Tensor:
@@ -75,7 +87,7 @@ def sds_select(loss_before: torch.Tensor, loss_after: torch.Tensor, k: int) -> t
     out = torch.empty(k, dtype=torch.int64, device=before.device)
     block_i, block_j = tile_sizes(n)
     launch(sds_select_kernel, (triton.cdiv(n, block_i),), before, after, n, k, out, BLOCK_I=block_i,
-           BLOCK_J=block_j)
+           BLOCK_J=block_j, num_warps=num_warps(block_i, block_j))
     return out
 
 

@@ -11,9 +11,12 @@ the binding does). Then:
   really write, and the fake implementations the op files register against the real outputs;
 * a layout the kernels reject falls back to the torch backend.
 
-Skipped where the real extension is loadable (its schemas are then tested for real by the GPU tests).
+Where the real extension loads (a CUDA build of torch, as in the GPU-less stage tests/gpuless/run.sh,
+with or without a GPU), the schemas are the compiled ones: the emulation is registered as their CPU
+implementation, so everything above runs against what binding.cpp really registered.
 """
 
+import os
 import re
 
 import pytest
@@ -66,11 +69,12 @@ def _layout_guard(fn, *, list_args, swp=False):
 def fake_extension():
     """``fastsam_cuda::*`` from binding.cpp's schemas, implemented on CPU by the host emulation."""
     global _library
-    if _extension.load() is not None:
-        pytest.skip("the real CUDA extension is loaded; its operators are tested by test_cuda_backend.py")
     emu = emulation_or_skip()
+    compiled = _cuda_common.library() is not None
+    if not compiled and os.environ.get("FASTSAM_REQUIRE_COMPILED") == "1":  # the GPU-less stage
+        pytest.fail(f"FASTSAM_REQUIRE_COMPILED=1 but the extension does not load: {_cuda_common.status()[1]}")
     if _library is None:
-        lib = torch.library.Library(_cuda_common.NAMESPACE, "DEF")
+        lib = torch.library.Library(_cuda_common.NAMESPACE, "IMPL" if compiled else "DEF")
         impls = {
             "abi_version": lambda: _extension.ABI_VERSION,
             "grad_sq_norm": _layout_guard(emu.grad_sq_norm, list_args=(0, 1)),
@@ -87,6 +91,10 @@ def fake_extension():
             "perturb_per_tensor_": _layout_guard(emu.perturb_per_tensor_, list_args=(0, 1, 2)),
         }
         for name, schema in binding_schemas().items():
+            if compiled:
+                if name != "abi_version":  # the compiled one answers for itself
+                    lib.impl(name, impls[name], "CPU")
+                continue
             lib.define(schema)
             lib.impl(name, impls[name], "CompositeExplicitAutograd" if name == "abi_version" else "CPU")
         _cuda_common.register_fakes()
@@ -100,6 +108,13 @@ def test_binding_defines_every_op():
                                       "ema_direction_", "per_tensor_sq_norms", "perturb_per_tensor_"}
     names = {name for name, _ in _cuda_common._fakes}
     assert names == set(binding_schemas()) - {"abi_version"}, "every op needs a fake implementation"
+
+
+def test_compiled_schemas_are_binding_cpp_s(fake_extension):
+    """The schemas the tests run against are exactly binding.cpp's (compiled ones where the extension loads)."""
+    for name, schema in binding_schemas().items():
+        registered = str(_cuda_common.op(name).default._schema)
+        assert registered == str(torch._C.parse_schema(f"{_cuda_common.NAMESPACE}::{schema}")), name
 
 
 def _lists(shapes, dtype, gen, k):

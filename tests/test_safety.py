@@ -250,7 +250,7 @@ def test_fp64_parameters_work_on_the_torch_backend():
     before = snapshot(model)
     F.cross_entropy(model(x.double()), y).backward()
     opt.first_step(zero_grad=True)
-    assert opt.grad_norm.dtype == torch.float32
+    assert opt.grad_norm.dtype == torch.float64  # fp64 scalars for fp64 weights (issue 12)
     F.cross_entropy(model(x.double()), y).backward()
     opt.second_step(zero_grad=True)
     assert all(p.dtype == torch.float64 and not torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -170,6 +170,22 @@ def _probe_calls(op: str, device: torch.device, dtype: torch.dtype, count: int, 
         return lst(), lst(), torch.tensor(-0.1, device=device), None
     if op == "sampa_extrapolate":
         return lst(), lst(), lst(), lst(), 0.1, 0.9, 5e-4
+    if op == "grad_mix":
+        return lst(), lst(), torch.tensor(0.5, device=device), torch.tensor(2.0, device=device), False, None
+    if op == "ema_direction":
+        return lst(), lst(), 1.0, 0.9, None
+    if op == "per_tensor_norm":
+        return (lst(),)
+    if op == "perturb_per_tensor":
+        return lst(), lst(), lst(), torch.full((count,), 0.05, device=device)
+    if op == "bsam_noise":
+        gen = torch.Generator(device=device)
+        gen.manual_seed(0)
+        return lst(), lst(), lst(positive=True), 1000, gen
+    if op == "bsam_ascent":
+        return lst(), lst(), lst(), lst(positive=True), lst(), 0.05, False
+    if op == "bsam_step":
+        return lst(), lst(), lst(), lst(), lst(positive=True), lst(positive=True), 0.1, 0.9, 0.999, 1e-4, 0.1
     raise KeyError(op)
 
 

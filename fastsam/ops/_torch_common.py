@@ -89,6 +89,16 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a step's scalars (norms, dots, scales) for tensors of ``dtype``.
+
+    [note: fp64 scalars] fp32 for fp32/fp16/bf16 (the kernels' math), fp64 for fp64 tensors: an fp64
+    run is how a user checks against an exact reference, and fp32 scalars would cap it at ~1e-7
+    relative (worse where a variant subtracts nearly parallel vectors, as LookSAM's g_v does).
+    """
+    return torch.float64 if dtype == torch.float64 else FP32
+
+
 def is_low_precision(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import FP32, add_scaled_or_skip_, as_device_scalar, is_low_precision
 from .grad_mix import check_skip, pack, unpack_into_
@@ -58,6 +58,7 @@ def ema_direction_(grads: list[torch.Tensor], momenta: list[torch.Tensor], sigma
 
 @register("ema_direction", "torch")
 def ema_direction_torch(grads, momenta, sigma, lmbda, skip) -> None:
+    check_bucket("ema_direction", grads, momenta=momenta)
     if not grads:
         return
     if is_low_precision(grads[0].dtype):
@@ -114,6 +115,7 @@ def _ema_direction_fake(grads, momenta, sigma, lmbda, skip):
 
 @register("ema_direction", "triton")
 def ema_direction_triton(grads, momenta, sigma, lmbda, skip) -> None:
+    check_bucket("ema_direction", grads, momenta=momenta)
     from fastsam.kernels import ema_direction as kernels  # imported on first use: triton is optional
 
     kernels.ema_direction_entry(grads, momenta, sigma, lmbda, skip)

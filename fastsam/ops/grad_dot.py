@@ -12,7 +12,8 @@ first-pass gradient onto the perturbed one with ``<g, g_p> / ||g_p||^2``; LookSA
 touch a single element, so they come out of one pass over ``a`` and ``b`` (8 bytes per fp32 element
 read, nothing written) instead of three.
 
-Accumulation is fp32 whatever the storage dtype, deterministic, and the result stays on the device.
+Accumulation is fp32 whatever the storage dtype (fp64, and an fp64 result, for fp64 tensors),
+deterministic, and the result stays on the device.
 Non-finite inputs give non-finite sums (callers use that as their skip flag).
 
 Backend contract (``register("grad_dot", backend)``): ``fn(a, b) -> fp32[3]`` on one bucket (every
@@ -24,8 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_bucket, mixed_precision_total
 from ._dispatch import group_by_device_dtype, register, resolve
-from ._torch_common import FP32, is_low_precision, pack_fp32
+from ._torch_common import FP32, is_low_precision, pack_fp32, scalar_dtype
 
 # Positions in the stats vector.
 DOT, SQ_NORM_A, SQ_NORM_B = 0, 1, 2
@@ -58,7 +60,7 @@ def grad_dot(a: list[torch.Tensor], b: list[torch.Tensor], *, backend: str | Non
         _, fn = resolve("grad_dot", backend, device, dtype)
         part = fn([a[i] for i in idx], [b[i] for i in idx]).to(out_device, non_blocking=True)
         total = part if total is None else total + part
-    return total
+    return mixed_precision_total(total, a)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,12 +93,13 @@ def _sq_norm_multi_tensor(tensors) -> torch.Tensor:
 
 
 def sum_sq_norms(tensors) -> torch.Tensor:
-    """Sum of squares over a non-empty list, accumulated in fp32 (fp64 for fp64), as a 0-dim fp32 tensor."""
+    """Sum of squares over a non-empty list, accumulated in fp32 (fp64 for fp64), as a 0-dim fp32 (fp64) tensor."""
+    out = scalar_dtype(tensors[0].dtype)
     if reduces_per_tensor(tensors[0].device):
         if is_low_precision(tensors[0].dtype):
             tensors = [pack_fp32(tensors)]  # a half-precision dot would accumulate and round in half
-        return torch.stack([torch.dot(_flat(t), _flat(t)) for t in tensors]).sum().to(FP32)
-    return _sq_norm_multi_tensor(tensors).to(FP32)
+        return torch.stack([torch.dot(_flat(t), _flat(t)) for t in tensors]).sum().to(out)
+    return _sq_norm_multi_tensor(tensors).to(out)
 
 
 @register("grad_dot", "torch")
@@ -110,8 +113,10 @@ def grad_dot_torch(a, b) -> torch.Tensor:
     gradients of comparable size (the case here). The CPU path and the Triton/CUDA kernels sum the
     products directly.
     """
+    check_bucket("grad_dot", a, b=b)
     if not a:
         return torch.zeros(3, dtype=FP32)
+    out = scalar_dtype(a[0].dtype)
     if is_low_precision(a[0].dtype):
         a, b = [pack_fp32(a)], [pack_fp32(b)]  # fp32 math: pack once (see _torch_common)
     if reduces_per_tensor(a[0].device):
@@ -119,7 +124,7 @@ def grad_dot_torch(a, b) -> torch.Tensor:
         for x, y in zip(a, b):
             x, y = _flat(x), _flat(y)
             rows.append(torch.stack([torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)]))
-        return torch.stack(rows).sum(0).to(FP32)
+        return torch.stack(rows).sum(0).to(out)
     sq_a, sq_b = _sq_norm_multi_tensor(a), _sq_norm_multi_tensor(b)
     sq_sum = _sq_norm_multi_tensor(torch._foreach_add(a, b))
-    return torch.stack([(sq_sum - sq_a - sq_b) * 0.5, sq_a, sq_b]).to(FP32)
+    return torch.stack([(sq_sum - sq_a - sq_b) * 0.5, sq_a, sq_b]).to(out)

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import FP32, add_scaled_or_skip_, as_device_scalar, flat_views, is_low_precision
 
@@ -79,6 +79,7 @@ def unpack_into_(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
 
 @register("grad_mix", "torch")
 def grad_mix_torch(xs, ys, a, b, swap, skip) -> None:
+    check_bucket("grad_mix", xs, ys=ys)
     if not xs:
         return
     if is_low_precision(xs[0].dtype) or (skip is not None and swap):
@@ -147,6 +148,7 @@ def _grad_mix_fake(xs, ys, a, b, swap, skip):
 
 @register("grad_mix", "triton")
 def grad_mix_triton(xs, ys, a, b, swap, skip) -> None:
+    check_bucket("grad_mix", xs, ys=ys)
     from fastsam.kernels import grad_mix as kernels  # imported on first use: triton is optional
 
     kernels.grad_mix_entry(xs, ys, a, b, swap, skip)

@@ -6,12 +6,13 @@ With ``g`` the gradient and ``w`` the weights, summing over every element of eve
 * ``adaptive`` (ASAM, Kwon et al., ICML 2021):      ``||T g||^2    = sum ((|w| + eta) g)^2``
 * ``fisher``   (Fisher SAM, Kim et al., ICML 2022): ``||g||_F^2    = sum g^2 / (1 + eta g^2)``
 
-The norm is ``sqrt`` of that sum. Accumulation is fp32 whatever the storage dtype, deterministic,
-and the result stays on the device (a 0-dim fp32 tensor): reading it is the caller's choice.
+The norm is ``sqrt`` of that sum. Accumulation is fp32 whatever the storage dtype (fp64 for fp64
+tensors), deterministic, and the result stays on the device (a 0-dim fp32 tensor, fp64 for fp64
+tensors): reading it is the caller's choice.
 
 Backend contract (``register("grad_norm", backend)``): ``fn(grads, params, mode, eta) -> Tensor``
 takes one bucket (all tensors on one device, one dtype) and returns the bucket's *squared* norm as a
-0-dim fp32 tensor on that device; ``params`` may be ``None`` when ``mode == "plain"``. Squared
+0-dim fp32 tensor on that device (fp64 for fp64 buckets, which only the torch backend takes); ``params`` may be ``None`` when ``mode == "plain"``. Squared
 partial norms add across buckets, devices and (for sharded training) processes.
 """
 
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_bucket, mixed_precision_total
 from ._dispatch import group_by_device_dtype, register, resolve
-from ._torch_common import FP32, is_low_precision, pack_fp32
+from ._torch_common import FP32, is_low_precision, pack_fp32, scalar_dtype
 
 MODES = ("plain", "adaptive", "fisher")
 
@@ -52,7 +54,7 @@ def grad_sq_norm(grads: list[torch.Tensor], params: list[torch.Tensor] | None = 
         part = fn([grads[i] for i in idx], None if params is None else [params[i] for i in idx], mode, eta)
         part = part.to(out_device, non_blocking=True)
         total = part if total is None else total + part
-    return total
+    return mixed_precision_total(total, grads)
 
 
 def grad_norm(grads: list[torch.Tensor], params: list[torch.Tensor] | None = None, *,
@@ -90,8 +92,11 @@ def scaled_grads_torch(grads, params, mode: str, eta: float):
 
 @register("grad_norm", "torch")
 def grad_sq_norm_torch(grads, params, mode: str, eta: float) -> torch.Tensor:
+    if mode != "plain":
+        check_bucket("grad_norm", grads, params=params)
     if not grads:
         return torch.zeros((), dtype=FP32)
+    out_dtype = scalar_dtype(grads[0].dtype)
     if mode == "plain":
         terms = grads
     else:
@@ -102,7 +107,7 @@ def grad_sq_norm_torch(grads, params, mode: str, eta: float) -> torch.Tensor:
     dtype = None if terms[0].dtype == torch.float64 else FP32
     norms = torch._foreach_norm(_reduction_chunks(terms), 2, dtype=dtype)
     # The few partial norms are summed in fp64: deterministic, and exact enough to be invisible.
-    return torch.stack(norms).double().square().sum().to(FP32)
+    return torch.stack(norms).double().square().sum().to(out_dtype)
 
 
 # [note: CPU reduction accuracy]
@@ -154,6 +159,8 @@ def _grad_sq_norm_fake(grads, params, norm_mode, eta):
 
 @register("grad_norm", "triton")
 def grad_sq_norm_triton(grads, params, mode: str, eta: float) -> torch.Tensor:
+    if mode != "plain":
+        check_bucket("grad_norm", grads, params=params)
     from fastsam.kernels import grad_norm as kernels  # imported on first use: triton is optional
 
     return kernels.grad_sq_norm_entry(grads, params, mode, eta)

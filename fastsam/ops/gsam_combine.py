@@ -29,8 +29,9 @@ import math
 
 import torch
 
+from ._checks import check_bucket
 from ._dispatch import group_by_device_dtype, register, resolve
-from ._torch_common import FP32, add_scaled_or_skip_, is_low_precision, pack_fp32, unpack_into_
+from ._torch_common import FP32, add_scaled_or_skip_, is_low_precision, pack_fp32, scalar_dtype, unpack_into_
 from .grad_dot import DOT, SQ_NORM_B, check_pairs
 
 
@@ -50,12 +51,12 @@ def gsam_coefficients(stats: torch.Tensor, alpha: float) -> tuple[torch.Tensor, 
 
     ``skip`` is fp32 1.0 when a sum is not finite; the first coefficient is then exactly 1.
     """
-    stats = stats.to(FP32)
+    stats = stats if stats.dtype == torch.float64 else stats.to(FP32)  # fp64 stats (fp64 weights) stay fp64
     sq_gp = stats[SQ_NORM_B]
     finite = torch.isfinite(stats).all()
     c = torch.where(sq_gp > 0, stats[DOT] / torch.where(sq_gp > 0, sq_gp, 1.0), 0.0)
     scale_gp = torch.where(finite, 1.0 + alpha * c, 1.0)
-    minus_alpha = torch.full((), -float(alpha), dtype=FP32, device=stats.device)
+    minus_alpha = torch.full((), -float(alpha), dtype=stats.dtype, device=stats.device)
     return scale_gp, minus_alpha, (~finite).to(FP32)
 
 
@@ -78,9 +79,10 @@ def gsam_combine_(grads: list[torch.Tensor], first_grads: list[torch.Tensor], st
 
 @register("gsam_combine", "torch")
 def gsam_combine_torch(grads, first_grads, stats, alpha) -> None:
+    check_bucket("gsam_combine", grads, first_grads=first_grads)
     if not grads:
         return
-    scale_gp, minus_alpha, skip = gsam_coefficients(stats, alpha)
+    scale_gp, minus_alpha, skip = gsam_coefficients(stats.to(scalar_dtype(grads[0].dtype)), alpha)
     low = is_low_precision(grads[0].dtype)
     work = [pack_fp32(grads)] if low else grads
     firsts = [pack_fp32(first_grads)] if low else first_grads

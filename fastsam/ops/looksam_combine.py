@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_bucket, mixed_precision_total
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import (FP32, add_scaled_or_skip_, as_device_scalar, is_low_precision, pack_fp32,
-                            unpack_into_)
+                            scalar_dtype, unpack_into_)
 from .grad_dot import DOT, SQ_NORM_A, check_pairs, sum_sq_norms
 from .gsam_combine import check_alpha, check_stats
 
@@ -61,7 +62,7 @@ def looksam_orthogonal_(gv: list[torch.Tensor], sam_grads: list[torch.Tensor], f
         part = fn([gv[i] for i in idx], [sam_grads[i] for i in idx], [first_grads[i] for i in idx],
                   stats.to(device, non_blocking=True)).to(out_device, non_blocking=True)
         total = part if total is None else total + part
-    return total
+    return mixed_precision_total(total, gv)
 
 
 def looksam_combine_(grads: list[torch.Tensor], gv: list[torch.Tensor], sq_norm_g: torch.Tensor,
@@ -75,13 +76,14 @@ def looksam_combine_(grads: list[torch.Tensor], gv: list[torch.Tensor], sq_norm_
     check_pairs(grads, gv, ("grads", "gv"))
     for (device, dtype), idx in group_by_device_dtype(grads).items():
         _, fn = resolve("looksam_combine", backend, device, dtype)
-        fn([grads[i] for i in idx], [gv[i] for i in idx], as_device_scalar(sq_norm_g, device),
-           as_device_scalar(sq_norm_gv, device), float(alpha))
+        acc = scalar_dtype(dtype)
+        fn([grads[i] for i in idx], [gv[i] for i in idx], as_device_scalar(sq_norm_g, device, acc),
+           as_device_scalar(sq_norm_gv, device, acc), float(alpha))
 
 
 def looksam_projection(stats: torch.Tensor) -> torch.Tensor:
     """``<g, g_s> / ||g||^2`` as a device scalar (0 when ``||g|| = 0``)."""
-    stats = stats.to(FP32)
+    stats = stats if stats.dtype == torch.float64 else stats.to(FP32)  # fp64 stats (fp64 weights) stay fp64
     sq_g = stats[SQ_NORM_A]
     return torch.where(sq_g > 0, stats[DOT] / torch.where(sq_g > 0, sq_g, 1.0), 0.0)
 
@@ -100,9 +102,10 @@ def looksam_scale(sq_norm_g: torch.Tensor, sq_norm_gv: torch.Tensor, alpha: floa
 
 @register("looksam_orthogonal", "torch")
 def looksam_orthogonal_torch(gv, sam_grads, first_grads, stats) -> torch.Tensor:
+    check_bucket("looksam_orthogonal", gv, sam_grads=sam_grads, first_grads=first_grads)
     if not gv:
         return torch.zeros((), dtype=FP32)
-    minus_c = -looksam_projection(stats)
+    minus_c = -looksam_projection(stats.to(scalar_dtype(gv[0].dtype)))
     if is_low_precision(gv[0].dtype):
         flat = pack_fp32(first_grads)
         flat.mul_(minus_c).add_(pack_fp32(sam_grads))
@@ -118,9 +121,11 @@ def looksam_orthogonal_torch(gv, sam_grads, first_grads, stats) -> torch.Tensor:
 
 @register("looksam_combine", "torch")
 def looksam_combine_torch(grads, gv, sq_norm_g, sq_norm_gv, alpha) -> None:
+    check_bucket("looksam_combine", grads, gv=gv)
     if not grads:
         return
-    scale, skip = looksam_scale(sq_norm_g, sq_norm_gv, alpha)
+    acc = scalar_dtype(grads[0].dtype)
+    scale, skip = looksam_scale(sq_norm_g.to(acc), sq_norm_gv.to(acc), alpha)
     low = is_low_precision(grads[0].dtype)
     work = [pack_fp32(grads)] if low else grads
     add_scaled_or_skip_(work, [pack_fp32(gv)] if low else gv, scale, skip)

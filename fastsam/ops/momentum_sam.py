@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import FP32, as_device_scalar, is_low_precision, pack_fp32, unpack_into_
 
@@ -146,6 +146,7 @@ def _sgd_core(params, grads, bufs, s_old, lr, momentum, weight_decay, nesterov):
 
 @register("momentum_sam_sgd", "torch")
 def momentum_sam_sgd_torch(params, grads, bufs, s_old, lr, momentum, weight_decay, nesterov) -> torch.Tensor:
+    check_bucket("momentum_sam_sgd", params, grads=grads, bufs=bufs)
     if not is_low_precision(params[0].dtype):
         return _sgd_core(params, grads, bufs, s_old, lr, momentum, weight_decay, nesterov)
     w, b = [pack_fp32(params)], [pack_fp32(bufs)]
@@ -174,6 +175,7 @@ def _adamw_core(params, grads, exp_avgs, exp_avg_sqs, s_old, lr, beta1, beta2, e
 @register("momentum_sam_adamw", "torch")
 def momentum_sam_adamw_torch(params, grads, exp_avgs, exp_avg_sqs, s_old, lr, beta1, beta2, eps, weight_decay,
                              step) -> torch.Tensor:
+    check_bucket("momentum_sam_adamw", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     if not is_low_precision(params[0].dtype):
         _adamw_core(params, grads, exp_avgs, exp_avg_sqs, s_old, lr, beta1, beta2, eps, weight_decay, step)
         return _sq_norm(exp_avgs)
@@ -187,6 +189,7 @@ def momentum_sam_adamw_torch(params, grads, exp_avgs, exp_avg_sqs, s_old, lr, be
 
 @register("momentum_sam_shift", "torch")
 def momentum_sam_shift_torch(params, bufs, scale, backups) -> None:
+    check_bucket("momentum_sam_shift", params, bufs=bufs, **({"backups": backups} if backups is not None else {}))
     if not params:
         return
     if backups is not None:

@@ -31,9 +31,10 @@ import math
 import torch
 
 from . import _philox
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
-from ._torch_common import FP32, add_scaled_or_skip_, as_device_scalar, flat_views, is_low_precision, pack_fp32, unpack_into_
+from ._torch_common import (FP32, add_scaled_or_skip_, as_device_scalar, flat_views, is_low_precision, pack_fp32,
+                            scalar_dtype, unpack_into_)
 from .grad_norm import check_mode
 
 
@@ -84,6 +85,7 @@ def direction_torch(params, grads, mode: str, eta: float):
 
 @register("perturb", "torch")
 def perturb_torch(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, offset) -> None:
+    check_bucket("perturb", params, grads=grads, backups=backups)
     if not params:
         return
     device = params[0].device
@@ -92,11 +94,12 @@ def perturb_torch(params, grads, backups, norm, rho, mode, eta, eps, beta, seed,
     work_w = [pack_fp32(params)] if low else params
     work_g = [pack_fp32(grads)] if low else grads
     d = direction_torch(work_w, work_g, mode, eta)
-    norm = as_device_scalar(norm, device)
+    acc = scalar_dtype(params[0].dtype)  # fp32 math, fp64 for fp64 weights
+    norm = as_device_scalar(norm, device, acc)
     scale = rho / (norm + eps)
     if beta < 1.0:
         numel = sum(p.numel() for p in params)
-        keep = _philox.keep_mask(seed, offset, numel, beta, device).to(FP32)
+        keep = _philox.keep_mask(seed, offset, numel, beta, device).to(acc)
         d = torch._foreach_mul(d, flat_views(keep, d) if not low else [keep])
         scale = scale / beta
     skip = (~torch.isfinite(norm)).to(FP32)
@@ -132,6 +135,7 @@ def _perturb_fake(params, grads, backups, norm, rho, norm_mode, eta, eps, beta, 
 
 @register("perturb", "triton")
 def perturb_triton(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, offset) -> None:
+    check_bucket("perturb", params, grads=grads, backups=backups)
     from fastsam.kernels import perturb as kernels  # imported on first use: triton is optional
 
     kernels.perturb_entry(params, grads, backups, norm, rho, mode, eta, eps, beta, seed, offset)

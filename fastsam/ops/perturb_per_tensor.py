@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import FP32, is_low_precision
 
@@ -83,6 +83,7 @@ def perturb_per_tensor_torch(params, grads, backups, scales) -> None:
     fp32 math (fp64 for fp64 buckets), one rounding back to the storage dtype; a tensor whose scale
     is not finite gets its own value written back, which is exact (fp16/bf16/fp32 -> fp32 -> back).
     """
+    check_bucket("perturb_per_tensor", params, grads=grads, backups=backups)
     if not params:
         return
     device = params[0].device
@@ -127,6 +128,7 @@ def _perturb_per_tensor_fake(params, grads, backups, scales):
 
 @register("perturb_per_tensor", "triton")
 def perturb_per_tensor_triton(params, grads, backups, scales) -> None:
+    check_bucket("perturb_per_tensor", params, grads=grads, backups=backups)
     from fastsam.kernels import perturb_per_tensor as kernels  # imported on first use: triton is optional
 
     kernels.perturb_per_tensor_entry(params, grads, backups, scales)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 
 
@@ -25,6 +25,7 @@ def restore_(params: list[torch.Tensor], backups: list[torch.Tensor], *, backend
 
 @register("restore", "torch")
 def restore_torch(params, backups) -> None:
+    check_bucket("restore", params, backups=backups)
     if params:
         torch._foreach_copy_(params, backups)
 
@@ -53,6 +54,7 @@ def _restore_fake(params, backups):
 
 @register("restore", "triton")
 def restore_triton(params, backups) -> None:
+    check_bucket("restore", params, backups=backups)
     from fastsam.kernels import restore as kernels  # imported on first use: triton is optional
 
     kernels.restore_entry(params, backups)

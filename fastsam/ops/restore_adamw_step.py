@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params, check_scalars
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import FP32, fused_layouts_ok, has_fused_kernels
 
@@ -69,6 +69,9 @@ def _on(t, device):
 def restore_adamw_step_torch(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                              lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale,
                              found_inf) -> None:
+    check_bucket("restore_adamw_step", params, grads=grads, backups=backups, exp_avgs=exp_avgs,
+                 exp_avg_sqs=exp_avg_sqs, **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}))
+    check_scalars("restore_adamw_step", params, "state_steps", state_steps)
     if not params:
         return
     torch._foreach_copy_(params, backups)
@@ -146,6 +149,9 @@ def _restore_adamw_step_fake(params, grads, backups, exp_avgs, exp_avg_sqs, max_
 @register("restore_adamw_step", "triton")
 def restore_adamw_step_triton(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
                               beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf) -> None:
+    check_bucket("restore_adamw_step", params, grads=grads, backups=backups, exp_avgs=exp_avgs,
+                 exp_avg_sqs=exp_avg_sqs, **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}))
+    check_scalars("restore_adamw_step", params, "state_steps", state_steps)
     from fastsam.kernels import restore_adamw_step as kernels  # imported on first use: triton is optional
 
     kernels.restore_adamw_step_entry(params, grads, backups, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,

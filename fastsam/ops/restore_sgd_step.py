@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import FP32, fused_layouts_ok, has_fused_kernels, is_low_precision, pack_fp32, unpack_into_
 
@@ -64,6 +64,8 @@ def _on(t, device):
 @register("restore_sgd_step", "torch")
 def restore_sgd_step_torch(params, grads, backups, momentum_buffers, lr, momentum, dampening, nesterov,
                            weight_decay, maximize, is_first_step, grad_scale, found_inf) -> None:
+    check_bucket("restore_sgd_step", params, grads=grads, backups=backups,
+                 **({"momentum_buffers": momentum_buffers} if momentum != 0 else {}))
     if not params:
         return
     torch._foreach_copy_(params, backups)
@@ -155,6 +157,8 @@ def _restore_sgd_step_fake(params, grads, backups, momentum_buffers, lr_tensor, 
 @register("restore_sgd_step", "triton")
 def restore_sgd_step_triton(params, grads, backups, momentum_buffers, lr, momentum, dampening, nesterov,
                             weight_decay, maximize, is_first_step, grad_scale, found_inf) -> None:
+    check_bucket("restore_sgd_step", params, grads=grads, backups=backups,
+                 **({"momentum_buffers": momentum_buffers} if momentum != 0 else {}))
     from fastsam.kernels import restore_sgd_step as kernels  # imported on first use: triton is optional
 
     kernels.restore_sgd_step_entry(params, grads, backups, momentum_buffers, lr, momentum, dampening, nesterov,

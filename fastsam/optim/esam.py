@@ -231,17 +231,21 @@ class ESAM(SAM):
     def step(self, closure=None):
         """One ESAM step driven by ``closure(indices=None) -> per-sample losses``; returns the mean first-pass loss.
 
-        ``.grad`` is cleared at the start; at the end it holds the gradient at ``w + e`` on the
-        selected samples (what the base step used). If anything raises after the perturbation, the
+        ``.grad`` is cleared once the first closure call's output is accepted (a rejected one leaves
+        it as it was); at the end it holds the gradient at ``w + e`` on the selected samples (what
+        the base step used). If anything raises after the perturbation, the
         weights are restored before the exception propagates.
         """
+        if closure is None and self._perturbed is not None:
+            # The two-call form finished by GradScaler.step(opt), which calls step() with no closure.
+            self.second_step()
+            return None
         if closure is None:
             raise RuntimeError("ESAM.step() needs closure(indices=None) returning per-sample losses; ESAM runs all "
                                "forward/backward passes itself (see help(fastsam.ESAM))")
         if self._perturbed is not None:
             raise RuntimeError("ESAM.step() called between first_step() and second_step(); finish that step first")
         with_grad = torch.enable_grad()(closure)
-        self.zero_grad(set_to_none=True)
 
         # First pass at w on the whole batch. In tensor mode the unselected tensors skip their weight gradient.
         frozen = []
@@ -253,6 +257,8 @@ class ESAM(SAM):
                 p.requires_grad_(False)
             with self._first_pass_context():
                 loss_before = per_sample_losses(with_grad(), None, "ESAM")
+                # Cleared only once the closure's output is accepted: a rejected closure leaves .grad as it was.
+                self.zero_grad(set_to_none=True)
                 if loss_before.requires_grad:  # False only when tensor mode froze every tensor
                     loss_before.mean().backward()
         finally:
@@ -293,6 +299,9 @@ class ESAM(SAM):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         gen = state_dict.pop(self._STATE_KEY, None)
+        if gen is not None and not (isinstance(gen, dict) and all(
+                isinstance(gen.get(k), int) and not isinstance(gen.get(k), bool) for k in ("seed", "draws"))):
+            raise ValueError(f"the saved ESAM SWP generator must be {{'seed': int, 'draws': int}}, got {gen!r}")
         super().load_state_dict(state_dict)
         if gen is not None:
             self._swp_seed, self._swp_draws = int(gen["seed"]), int(gen["draws"])

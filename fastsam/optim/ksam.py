@@ -67,15 +67,19 @@ class KSAM(SAM):
 
         If anything raises after the perturbation, the weights are restored before it propagates.
         """
+        if closure is None and self._perturbed is not None:
+            # The two-call form finished by GradScaler.step(opt), which calls step() with no closure.
+            self.second_step()
+            return None
         if closure is None:
             raise RuntimeError("KSAM.step() needs closure(indices=None) returning per-sample losses; K-SAM runs "
                                "all forward/backward passes itself (see help(fastsam.KSAM))")
         if self._perturbed is not None:
             raise RuntimeError("KSAM.step() called between first_step() and second_step(); finish that step first")
         with_grad = torch.enable_grad()(closure)
-        self.zero_grad(set_to_none=True)
         with torch.no_grad():
             losses = per_sample_losses(closure(), None, "KSAM")
+        self.zero_grad(set_to_none=True)  # once the closure's output is accepted: a rejected one leaves .grad alone
         batch = losses.numel()
         k = ops.sds_k(batch, self.gamma)
         indices = ops.sds_select(torch.zeros_like(losses), losses, k, backend=self.backend)

@@ -187,15 +187,21 @@ class LookSAM(SAM):
             extra["looksam_gv_sq_norm"] = self._gv_sq_norm
         return extra
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        # Check the saved g_v against the parameters before anything is loaded.
-        saved = (state_dict.get(self.EXTRA_STATE_KEY) or {}).get("looksam_gv") or {}
+    def _check_extra_state(self, extra: dict) -> None:
+        # The saved g_v against the parameters, before anything is loaded.
+        super()._check_extra_state(extra)
+        saved = extra.get("looksam_gv") or {}
         params = self._param_list()
         for i, t in saved.items():
-            if not 0 <= int(i) < len(params) or tuple(t.shape) != tuple(params[int(i)].shape):
-                raise ValueError(f"the saved LookSAM g_v for parameter {i} (shape {tuple(t.shape)}) does not "
-                                 f"match this optimizer's parameters")
-        super().load_state_dict(state_dict)
+            ok = isinstance(i, int) and 0 <= i < len(params) and isinstance(t, torch.Tensor)
+            if not ok or tuple(t.shape) != tuple(params[i].shape) or not t.is_floating_point():
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"the saved LookSAM g_v for parameter {i} (shape {shape}) does not match this "
+                                 f"optimizer's parameters"
+                                 + (f" (that parameter has shape {tuple(params[i].shape)})" if ok else ""))
+        sq = extra.get("looksam_gv_sq_norm")
+        if sq is not None and (not isinstance(sq, torch.Tensor) or sq.numel() != 1):
+            raise ValueError(f"the saved LookSAM ||g_v||^2 must be a one-element tensor, got {sq!r}")
 
     def _load_extra_state(self, extra: dict) -> None:
         super()._load_extra_state(extra)
@@ -209,7 +215,8 @@ class LookSAM(SAM):
             p = params[int(i)]
             # Own copies on the parameter's device and dtype: the loaded dict may be reused or freed.
             gv[p] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(t)
-        self._set_gv(gv, extra["looksam_gv_sq_norm"].detach().to(device=params[0].device,
-                                                                   dtype=torch.float32).clone())
+        # fp32 scalars, fp64 when the parameters are fp64 (as the ops return them).
+        dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        self._set_gv(gv, extra["looksam_gv_sq_norm"].detach().to(device=params[0].device, dtype=dtype).clone())
 
     _PICKLED = SAM._PICKLED + ("alpha",)

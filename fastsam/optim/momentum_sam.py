@@ -47,6 +47,8 @@ import torch
 
 from fastsam import ops
 
+from . import _checkpoint
+
 
 def _check(name: str, value, lo: float = 0.0, hi: float | None = None, hi_open: bool = False) -> float:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= lo
@@ -73,7 +75,7 @@ class _MomentumSAMBase(torch.optim.Optimizer):
     _BUFFER = "momentum_buffer"  # the state key of the direction the ascent follows
 
     def __init__(self, params, defaults: dict, perturb_eps: float, backend: str | None):
-        self.perturb_eps = _check("perturb_eps", perturb_eps)
+        self.perturb_eps = _checkpoint.check_perturb_eps(perturb_eps)
         self.backend = ops.check_backend(backend)
         super().__init__(params, defaults)
         self._ascent = _AscentState(scales=[None] * len(self.param_groups))
@@ -84,6 +86,7 @@ class _MomentumSAMBase(torch.optim.Optimizer):
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict) -> None:
+        _checkpoint.check_no_duplicates(param_group, self.__dict__.get("param_groups", []))
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
         ascent = self.__dict__.get("_ascent")
@@ -245,11 +248,17 @@ class _MomentumSAMBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         if self._ascent.backups is not None:
             raise RuntimeError("load_state_dict() while moved back to the unperturbed weights; call move_up() first")
+        # Checked first (shapes of every state tensor, merged groups), then loaded all-or-nothing:
+        # see [note: what load_state_dict checks] in _checkpoint.py.
+        checked = _checkpoint.checked_state_dict(self, state_dict, self._check_group)
         extra = state_dict.get(self.EXTRA_STATE_KEY) or {}
         scales = extra.get("scales")
         if scales is not None and len(scales) != len(state_dict["param_groups"]):
             raise ValueError(f"the state dict has {len(scales)} ascent scales for {len(state_dict['param_groups'])} "
                              "param groups")
+        _checkpoint.atomic_load(self, lambda: self._load_checked(checked, extra, scales))
+
+    def _load_checked(self, state_dict: dict, extra: dict, scales) -> None:
         super().load_state_dict({k: v for k, v in state_dict.items() if k != self.EXTRA_STATE_KEY})
         for group in self.param_groups:
             self._check_group(group)

@@ -115,9 +115,14 @@ class MSAM(SAM):
     def step(self, closure=None, batch_size: int | None = None):
         """One mSAM step (see the class docstring); returns the mean first-pass loss.
 
-        ``.grad`` is cleared at the start and holds ``mean_k grad L_k(w + e_k)`` at the end. If the
-        closure raises while the weights are perturbed, they are restored first.
+        ``.grad`` is cleared once the first closure call's output is accepted (a rejected one leaves
+        it alone) and holds ``mean_k grad L_k(w + e_k)`` at the end. If the closure raises while the
+        weights are perturbed, they are restored first.
         """
+        if closure is None and self._perturbed is not None:
+            # The two-call form finished by GradScaler.step(opt), which calls step() with no closure.
+            self.second_step()
+            return None
         if closure is None:
             raise RuntimeError("MSAM.step() needs closure(indices=None) returning per-sample losses; MSAM runs all "
                                "forward/backward passes itself (see help(fastsam.MSAM))")
@@ -131,7 +136,6 @@ class MSAM(SAM):
         shard_size = None if shards[0] is None else shards[0].numel()
         local = self.dp_perturbation == "local"
         with_grad = torch.enable_grad()(closure)
-        self.zero_grad(set_to_none=True)
 
         total_loss = total_perturbed = None
         accumulated: list = [None] * len(params)  # the running sum of perturbed-point gradients, set aside
@@ -140,6 +144,8 @@ class MSAM(SAM):
             # First pass at w on shard k, into fresh .grad: this shard's own gradient.
             with self._context(first=True, update_stats=k == 0, sync=not local):
                 losses = per_sample_losses(with_grad(indices), shard_size, "MSAM")
+                if k == 0:  # cleared once the closure's output is accepted: a rejected one leaves .grad alone
+                    self.zero_grad(set_to_none=True)
                 losses.mean().backward()
             losses = losses.detach().mean()
             total_loss = losses if total_loss is None else total_loss + losses

@@ -37,7 +37,7 @@ from fastsam import ops
 from fastsam.distributed import check_dp_perturbation
 from fastsam.ops.grad_norm import check_mode
 
-from . import _sharding
+from . import _checkpoint, _sharding
 from .base_step import fused_base_step_for
 
 
@@ -191,7 +191,7 @@ class SAM(torch.optim.Optimizer):
         _check_every("every", every)
         _check_nonneg("rho", rho)
         _check_nonneg("eta", eta)
-        _check_nonneg("perturb_eps", perturb_eps)
+        _checkpoint.check_perturb_eps(perturb_eps)
         self._sam_defaults = dict(rho=float(rho), adaptive=bool(adaptive), eta=float(eta))
         if adaptive_params != "all":  # kept out of the groups unless used: stock state dicts stay stock
             self._sam_defaults["adaptive_params"] = adaptive_params
@@ -238,7 +238,7 @@ class SAM(torch.optim.Optimizer):
 
     @property
     def grad_norm(self) -> torch.Tensor | None:
-        """The global norm the last ``first_step`` used (0-dim fp32 on the device), or None."""
+        """The global norm the last ``first_step`` used (0-dim fp32 on the device; fp64 for fp64 weights), or None."""
         return self._step_state.grad_norm
 
     @property
@@ -352,8 +352,10 @@ class SAM(torch.optim.Optimizer):
         _check_nonneg("eta", group.get("eta"))
         check_mode(self._norm_mode(group), group["eta"])
         _check_adaptive_params(group)
+        _checkpoint.check_rho_over_eps(group["rho"], self.__dict__.get("perturb_eps", 1e-12))
 
     def add_param_group(self, param_group: dict) -> None:
+        _checkpoint.check_no_duplicates(param_group, self.__dict__.get("param_groups", []))
         base = self.__dict__.get("base_optimizer")
         if base is None:  # during torch.optim.Optimizer.__init__
             super().add_param_group(param_group)
@@ -416,16 +418,21 @@ class SAM(torch.optim.Optimizer):
         return self._reduce_sq_norm(total).sqrt()
 
     def _perturb(self, buckets: list[_Bucket], norm: torch.Tensor) -> None:
+        fns = [ops.resolve("perturb", self.backend, b.device, b.dtype)[1] for b in buckets]  # before any change
         perturbed: dict = {}
         offset = 0
-        for b in buckets:
-            backups = [self._backup_for(p) for p in b.params]
-            beta, seed, start = self._swp_args(b, offset)
-            _, fn = ops.resolve("perturb", self.backend, b.device, b.dtype)
-            fn(self._locals(b.params), self._locals(b.grads), backups, norm.to(b.device, non_blocking=True), b.rho,
-               b.mode, b.eta, self.perturb_eps, beta, seed, start)
-            offset += sum(p.numel() for p in b.params)
-            perturbed.update(zip(b.params, backups))
+        try:
+            for b, fn in zip(buckets, fns):
+                backups = [self._backup_for(p) for p in b.params]
+                beta, seed, start = self._swp_args(b, offset)
+                fn(self._locals(b.params), self._locals(b.grads), backups, norm.to(b.device, non_blocking=True),
+                   b.rho, b.mode, b.eta, self.perturb_eps, beta, seed, start)
+                offset += sum(p.numel() for p in b.params)
+                perturbed.update(zip(b.params, backups))
+        except BaseException:
+            # Buckets already perturbed go back; the failing one was rejected before its launch.
+            self._copy_back(perturbed)
+            raise
         self._step_state.perturbed = perturbed
 
     @torch.no_grad()
@@ -475,20 +482,46 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self) -> bool:
-        """Undo ``first_step``'s perturbation without stepping. Returns whether anything was restored."""
+        """Undo ``first_step``'s perturbation without stepping. Returns whether anything was restored.
+
+        If the restore op raises, the weights are copied back tensor by tensor before the error
+        propagates: the model is never left at ``w + e``.
+        """
         perturbed = self._step_state.perturbed
         if perturbed is None:
             return False
+        self._restore_weights(perturbed)
         self._step_state.perturbed = None
+        return True
+
+    def _restore_weights(self, perturbed: dict) -> None:
+        """``p = backup`` for every entry, with the restore op (a constant number of launches per bucket)."""
         buckets: dict[tuple, tuple[list, list]] = {}
         for p, b in perturbed.items():
             ps, bs = buckets.setdefault((p.device, p.dtype), ([], []))
             ps.append(self._local(p))
             bs.append(b)
-        for (device, dtype), (ps, bs) in buckets.items():
-            _, fn = ops.resolve("restore", self.backend, device, dtype)
-            fn(ps, bs)
-        return True
+        try:
+            for (device, dtype), (ps, bs) in buckets.items():
+                _, fn = ops.resolve("restore", self.backend, device, dtype)
+                fn(ps, bs)
+        except BaseException:
+            self._copy_back(perturbed)
+            raise
+
+    @torch.no_grad()
+    def _copy_back(self, perturbed: dict) -> None:
+        """Error path only: ``p.copy_(backup)`` one tensor at a time, relying on nothing but torch."""
+        for p, b in perturbed.items():
+            self._local(p).copy_(b)
+
+    def _abort_step(self) -> None:
+        """An error mid-step: put every still-perturbed weight back and forget the step."""
+        st = self._step_state
+        perturbed, st.perturbed, st.cheap_pending = st.perturbed, None, False
+        st.first_loss = None
+        if perturbed:
+            self._copy_back(perturbed)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, loss=None) -> None:
@@ -503,20 +536,23 @@ class SAM(torch.optim.Optimizer):
                 raise RuntimeError(f"{type(self).__name__}.second_step() called without a preceding first_step(): "
                                    "the weights are not perturbed, so there is nothing to restore")
             self._start_cheap_step()  # the one-pass form of a cheap step
+        # [note: errors in second_step] Whatever raises in here (the variant's combine, the
+        # GradScaler handling, the restore, the base step), every weight that is still perturbed is
+        # copied back from its backup before the exception propagates; the step does not count.
+        sam_step = not self._step_state.cheap_pending
         try:
-            self._before_base_step(sam_step=not self._step_state.cheap_pending)
+            self._before_base_step(sam_step=sam_step)
             for hook in list(self._base_step_pre_hooks.values()):
                 hook(self)
+            if self._fused_base is None:
+                self.restore()
+                self._generic_base_step()
+            else:
+                self._fused_second_step()
+            self._after_base_step(sam_step)
         except BaseException:
-            self.restore()
+            self._abort_step()
             raise
-        sam_step = not self._step_state.cheap_pending
-        if self._fused_base is None:
-            self.restore()
-            self._generic_base_step()
-        else:
-            self._fused_second_step()
-        self._after_base_step(sam_step)
         st = self._step_state
         first_loss, st.first_loss = st.first_loss, None
         st.sharpness = None
@@ -539,8 +575,7 @@ class SAM(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                if g.is_sparse:
-                    self.restore()
+                if g.is_sparse:  # second_step restores the weights
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                        f"(parameter of shape {tuple(p.shape)}); the weights were restored")
                 backup = restore_only.pop(p, p)  # a parameter that was not perturbed is its own backup
@@ -552,12 +587,19 @@ class SAM(torch.optim.Optimizer):
                 bucket[1].append(g)
                 bucket[2].append(backup)
             plan.extend((group, ps, gs, bs) for ps, gs, bs in buckets.values())
-        if restore_only:
-            self._step_state.perturbed = restore_only
-            self.restore()
         grad_scale, found_inf = self._amp_scale_args()
-        for group, ps, gs, bs in plan:
-            self._fused_base.step_bucket(self, group, ps[0].device, ps[0].dtype, ps, gs, bs, grad_scale, found_inf)
+        # Every bucket's state is checked and its op resolved before any weight changes.
+        runs = [(ps, self._fused_base.plan_bucket(self, group, ps[0].device, ps[0].dtype, ps, gs, bs, grad_scale,
+                                                  found_inf))
+                for group, ps, gs, bs in plan]
+        if restore_only:
+            self._restore_weights(restore_only)
+        # From here on, perturbed holds what is still perturbed, so an error restores exactly that.
+        still = self._step_state.perturbed = {p: b for p, b in perturbed.items() if p not in restore_only}
+        for ps, run in runs:
+            run()
+            for p in ps:
+                still.pop(p, None)
 
     def _generic_base_step(self) -> None:
         """The base optimizer's own ``step()``, unscaling and skipping for a GradScaler first.
@@ -635,7 +677,7 @@ class SAM(torch.optim.Optimizer):
         try:
             perturbed_loss = closure()
         except BaseException:
-            self.restore()
+            self._abort_step()
             raise
         measurable = isinstance(perturbed_loss, torch.Tensor) and perturbed_loss.numel() == 1
         self.second_step(loss=perturbed_loss if measurable else None)
@@ -656,6 +698,21 @@ class SAM(torch.optim.Optimizer):
         self._step_state.step_count = int(extra.get("step", 0))
 
     def state_dict(self) -> dict:
+        """torch's ``state``/``param_groups`` (the base optimizer's state included) plus fastsam's own.
+
+        Refused between ``first_step`` and ``second_step``: the weights are at ``w + e`` then, and a
+        checkpoint of them would have nothing to undo the perturbation. To checkpoint mid-step (a
+        preemption handler, say), undo or finish the step first::
+
+            opt.restore()                  # back to w; the step is dropped (redo its passes after resuming)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+
+        or call ``opt.second_step()`` (the step completes) and then save.
+        """
+        if self._perturbed:
+            raise RuntimeError(f"{type(self).__name__}.state_dict() between first_step() and second_step(): the "
+                               "weights are perturbed (w + e), so a checkpoint would save the perturbed weights. "
+                               "Call restore() (drops the step) or second_step() (finishes it) first, then save")
         state_dict = super().state_dict()
         state_dict[self.EXTRA_STATE_KEY] = self._extra_state()
         return state_dict
@@ -664,18 +721,56 @@ class SAM(torch.optim.Optimizer):
         """Parameters in state_dict() order (group by group), the indices fastsam's state uses."""
         return [p for group in self.param_groups for p in group["params"]]
 
+    def _check_extra_state(self, extra: dict) -> None:
+        """Check fastsam's extra state against this optimizer before anything is loaded; subclasses extend it."""
+        if not isinstance(extra, dict):
+            raise ValueError(f"the state dict's {self.EXTRA_STATE_KEY!r} entry must be a dict, got "
+                             f"{type(extra).__name__}")
+        step = extra.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"the saved fastsam step counter must be an int >= 0, got {step!r}")
+
+    def _checked_state_dict(self, state_dict: dict) -> dict:
+        """A copy of ``state_dict`` ready for torch's loader, or a clear error; modifies nothing.
+
+        See [note: what load_state_dict checks] in ``_checkpoint.py``.
+        """
+        from .base_step import ADAMW_STATE_KEYS, FusedAdamWStep
+
+        adamw = isinstance(self._fused_base, FusedAdamWStep)
+        out = _checkpoint.checked_state_dict(self, state_dict, self._check_group,
+                                             complete=ADAMW_STATE_KEYS if adamw else (), numeric_step_to_tensor=adamw)
+        self._check_extra_state(state_dict.get(self.EXTRA_STATE_KEY) or {})
+        return out
+
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, checked first and atomic: a refused or failed load leaves the optimizer as it was.
+
+        See [note: what load_state_dict checks] in ``_checkpoint.py``. A stock ``torch.optim`` state
+        dict (e.g. of ``SGD(momentum=0.9)`` or ``AdamW``) and a davda54/sam-style one load too;
+        fastsam's keys they lack keep this optimizer's values.
+        """
         if self._perturbed is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step(): the weights are "
                                "perturbed; call second_step() or restore() first")
-        extra = state_dict.get(self.EXTRA_STATE_KEY) or {}
-        super().load_state_dict(state_dict)
-        self._load_extra_state(extra)
-        self.base_optimizer.state = self.state
-        self.base_optimizer.param_groups = self.param_groups
-        for group in self.param_groups:
-            self._check_group(group)
-        self._fused_base = fused_base_step_for(self.base_optimizer)
+        state_dict = self._checked_state_dict(state_dict)
+
+        def load():
+            super(SAM, self).load_state_dict(state_dict)
+            self._load_extra_state(state_dict.get(self.EXTRA_STATE_KEY) or {})
+            self.base_optimizer.state = self.state
+            self.base_optimizer.param_groups = self.param_groups
+            for group in self.param_groups:
+                self._check_group(group)
+            self._fused_base = fused_base_step_for(self.base_optimizer)
+
+        base = self.base_optimizer
+        saved_base = (base.param_groups, base.state)
+        try:
+            _checkpoint.atomic_load(self, load, mutable=(self._step_state,))
+        except BaseException:
+            base.param_groups, base.state = saved_base
+            raise
 
     # Attributes that pickling/deepcopy must carry besides torch's (defaults, state, param_groups).
     _PICKLED = ("base_optimizer", "backend", "perturb_eps", "_sam_defaults", "_step_state", "dp_perturbation",

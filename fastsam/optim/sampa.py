@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from fastsam import ops
 
+from . import _checkpoint
 from ._variant_utils import materialize_params
 
 
@@ -109,6 +110,24 @@ class SAMPa(torch.optim.Optimizer):
         self._steps = 0
 
     # ------------------------------------------------------------------ helpers
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (each tensor once across all groups); the flat buffers grow to cover it."""
+        _checkpoint.check_no_duplicates(param_group, self.__dict__.get("param_groups", []))
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # during torch.optim.Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        param_group.setdefault("rho", self.defaults["rho"])
+        self._check_group(param_group)
+        new = [p for p in _checkpoint.group_param_list(param_group) if p.requires_grad]
+        if any(p.device != self._gy.device or p.dtype != self._gy.dtype for p in new):
+            raise ValueError("SAMPa keeps one flat gradient buffer: every parameter must share one device and dtype")
+        base.add_param_group(param_group)  # appends to the shared list of groups
+        n = sum(p.numel() for p in new)
+        self._gy = torch.cat([self._gy, self._gy.new_zeros(n)])  # grad f(y) of a new parameter: 0
+        self._backups = self._backups + [torch.empty_like(p, memory_format=torch.contiguous_format) for p in new]
+        self._numel += n
 
     def _check_group(self, group) -> None:
         rho = group.get("rho")
@@ -215,20 +234,25 @@ class SAMPa(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        # Checked first (every state tensor's shape, the merged groups), then loaded all-or-nothing:
+        # see [note: what load_state_dict checks] in _checkpoint.py.
+        checked = _checkpoint.checked_state_dict(self, state_dict, self._check_group)
         extra = state_dict.get(self.EXTRA_STATE_KEY) or {}
         gy = extra.get("sampa_grad_y")
-        if gy is not None and gy.numel() != self._numel:
-            raise ValueError(f"the saved SAMPa auxiliary gradient has {gy.numel()} elements, this optimizer's "
+        if gy is not None and (not isinstance(gy, torch.Tensor) or gy.numel() != self._numel):
+            got = gy.numel() if isinstance(gy, torch.Tensor) else type(gy).__name__
+            raise ValueError(f"the saved SAMPa auxiliary gradient has {got} elements, this optimizer's "
                              f"parameters {self._numel}")
+        _checkpoint.atomic_load(self, lambda: self._load_checked(checked, gy, extra))
+
+    def _load_checked(self, state_dict: dict, gy, extra: dict) -> None:
         super().load_state_dict({k: v for k, v in state_dict.items() if k != self.EXTRA_STATE_KEY})
         self.base_optimizer.state = self.state
         self.base_optimizer.param_groups = self.param_groups
         for group in self.param_groups:
             self._check_group(group)
-        if gy is None:
-            self._gy.zero_()
-        else:
-            self._gy.copy_(gy)
+        self._gy = (torch.zeros_like(self._gy) if gy is None
+                    else gy.detach().to(device=self._gy.device, dtype=self._gy.dtype).reshape(-1).clone())
         self._steps = int(extra.get("steps", 0))
 
     def __repr__(self) -> str:
