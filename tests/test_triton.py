@@ -75,6 +75,7 @@ def test_opcheck(name):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+@pytest.mark.isolated  # segfaulted once late in the full suite's process (never alone): see conftest.py
 def test_ops_compile_with_fullgraph():
     """A SAM step's optimizer math through the triton ops, compiled with no graph break, equals eager."""
 
