@@ -106,11 +106,19 @@ def worker(rank, port, name, errors):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fsdp_sam_equals_single_process_sam(name):
     ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    try:
-        mp.start_processes(worker, args=(free_port(), name, errors), nprocs=WORLD, join=True, start_method="spawn")
-    except Exception:
-        messages = []
-        while not errors.empty():
-            messages.append(errors.get())
-        pytest.fail("\n".join(messages) or "a worker failed")
+    # About one gloo run in ten aborts in torch's teardown at interpreter exit ("terminate called
+    # without an active exception", SIGABRT) after every rank has passed its checks; see
+    # test_examples.py. Such a run, with no Python error from any rank, is retried (3 tries in all);
+    # any assertion or exception in a worker fails at once.
+    for attempt in range(3):
+        errors = ctx.SimpleQueue()
+        try:
+            mp.start_processes(worker, args=(free_port(), name, errors), nprocs=WORLD, join=True,
+                               start_method="spawn")
+            return
+        except Exception as exc:
+            messages = []
+            while not errors.empty():
+                messages.append(errors.get())
+            if messages or attempt == 2:
+                pytest.fail("\n".join(messages) or f"a worker failed: {exc}")
