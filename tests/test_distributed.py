@@ -10,19 +10,13 @@
 All scenarios run in one spawn of two processes (start-up dominates the cost).
 """
 
-import datetime
-import os
-import socket
-import time
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fastsam
 from fastsam.ops import _philox
+from gloo_ranks import run_gloo_ranks
 from test_esam import step_key, topk_stable
 from test_sam import Net
 
@@ -80,37 +74,13 @@ def run_rank(scenario, rank):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def _worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        results = {s: run_rank(s, rank) for s in SCENARIOS}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank):
+    return {s: run_rank(s, rank) for s in SCENARIOS}
 
 
 @pytest.fixture(scope="module")
-def rank_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    ctx = mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-process gloo run did not finish within 300 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+def rank_results():
+    return run_gloo_ranks(_worker, world=WORLD)
 
 
 # ------------------------------------------------------------------------------------------------

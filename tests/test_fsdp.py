@@ -5,27 +5,19 @@ shards and all-reduces only the squared-norm partial sums, so the result must ma
 process with the whole batch and unsharded parameters.
 """
 
-import os
-import socket
 import sys
-import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+
+from gloo_ranks import run_gloo_ranks
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 6
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_model():
@@ -56,69 +48,50 @@ def train(model, opt, data, rank=None):
         opt.second_step(zero_grad=True)
 
 
-def worker(rank, port, name, errors):
-    try:
-        import torch.distributed as dist
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+def worker(rank, name):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        import fastsam
+    import fastsam
 
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        cls_name, base, kw = CONFIGS[name]
-        cls = getattr(fastsam, cls_name)
-        data = batches()
+    cls_name, base, kw = CONFIGS[name]
+    cls = getattr(fastsam, cls_name)
+    data = batches()
 
-        reference = make_model()
-        train(reference, cls(reference.parameters(), base, **kw), data)
+    reference = make_model()
+    train(reference, cls(reference.parameters(), base, **kw), data)
 
-        model = make_model()
-        mesh = init_device_mesh("cpu", (WORLD,))
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        opt = cls(model.parameters(), base, **kw)
-        assert opt._shard_groups, "sharded parameters must be detected"
-        train(model, opt, data, rank)
+    model = make_model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = cls(model.parameters(), base, **kw)
+    assert opt._shard_groups, "sharded parameters must be detected"
+    train(model, opt, data, rank)
 
-        for (n, p), r in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p.full_tensor(), r, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
-        # Optimizer state stays sharded, in torch's format.
-        for state in opt.state.values():
-            assert all(type(v).__name__ == "DTensor" for k, v in state.items() if k != "step")
+    for (n, p), r in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.full_tensor(), r, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    # Optimizer state stays sharded, in torch's format.
+    for state in opt.state.values():
+        assert all(type(v).__name__ == "DTensor" for k, v in state.items() if k != "step")
 
-        if name == "sam-sgd":  # variants that are not shard-aware yet refuse clearly
-            try:
-                fastsam.GSAM(model.parameters(), torch.optim.SGD, lr=0.1)
-            except NotImplementedError as exc:
-                assert "sharded" in str(exc)
-            else:
-                raise AssertionError("GSAM accepted sharded parameters")
-        dist.destroy_process_group()
-    except BaseException:
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
+    if name == "sam-sgd":  # variants that are not shard-aware yet refuse clearly
+        try:
+            fastsam.GSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+        except NotImplementedError as exc:
+            assert "sharded" in str(exc)
+        else:
+            raise AssertionError("GSAM accepted sharded parameters")
+    return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo process groups")
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_fsdp_sam_equals_single_process_sam(name):
-    ctx = mp.get_context("spawn")
-    # About one gloo run in ten aborts in torch's teardown at interpreter exit ("terminate called
-    # without an active exception", SIGABRT) after every rank has passed its checks; see
-    # test_examples.py. Such a run, with no Python error from any rank, is retried (3 tries in all);
-    # any assertion or exception in a worker fails at once.
-    for attempt in range(3):
-        errors = ctx.SimpleQueue()
-        try:
-            mp.start_processes(worker, args=(free_port(), name, errors), nprocs=WORLD, join=True,
-                               start_method="spawn")
-            return
-        except Exception as exc:
-            messages = []
-            while not errors.empty():
-                messages.append(errors.get())
-            if messages or attempt == 2:
-                pytest.fail("\n".join(messages) or f"a worker failed: {exc}")
+    # Each rank checks its sharded run against its own one-process run; run_gloo_ranks fails on
+    # any rank's error. Both ranks must also end with the same full parameters.
+    ranks = run_gloo_ranks(worker, name, world=WORLD)
+    for a, b in zip(*ranks):
+        assert torch.equal(a, b)

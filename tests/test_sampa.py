@@ -1,22 +1,16 @@
 """SAMPa: fp64 reference from the paper, the one-process form, and two gloo processes against it."""
 
-import copy
-import datetime
 import io
-import os
-import socket
-import time
 from collections import Counter
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fastsam
-from fastsam import ops
+from gloo_ranks import run_gloo_ranks
 from helpers import host_sync_watch
 from test_sam import batches, make_model
 
@@ -233,54 +227,29 @@ def test_no_host_sync_and_constant_ops_outside_the_closure(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # Two gloo processes against the one-process form
 
-def _worker(rank, port, out_dir, steps):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        torch.manual_seed(0)
-        model = make_model()
-        opt = fastsam.SAMPa(groups_of(model), torch.optim.SGD, **SGD_KW)
-        assert opt.parallel and opt.rank == rank
-        collectives = []
-        real = dist.all_gather
+def _worker(rank, steps):
+    torch.manual_seed(0)
+    model = make_model()
+    opt = fastsam.SAMPa(groups_of(model), torch.optim.SGD, **SGD_KW)
+    assert opt.parallel and opt.rank == rank
+    collectives = []
+    real = dist.all_gather
 
-        def counting(*a, **k):
-            collectives.append(1)
-            return real(*a, **k)
+    def counting(*a, **k):
+        collectives.append(1)
+        return real(*a, **k)
 
-        dist.all_gather = counting
-        for x, y in batches(steps):
-            opt.step(closure_for(model, x, y))
-        dist.all_gather = real
-        torch.save({"params": [p.detach().clone() for p in model.parameters()], "collectives": len(collectives),
-                    "repr": repr(opt)}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    dist.all_gather = counting
+    for x, y in batches(steps):
+        opt.step(closure_for(model, x, y))
+    dist.all_gather = real
+    return {"params": [p.detach().clone() for p in model.parameters()], "collectives": len(collectives),
+            "repr": repr(opt)}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_gloo_processes_match_the_one_process_update(tmp_path):
+def test_two_gloo_processes_match_the_one_process_update():
     steps = 12
-    torch.set_num_threads(1)
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), steps), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 300
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-process gloo run did not finish within 300 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = run_gloo_ranks(_worker, steps, world=2)
     assert all(r["collectives"] == steps for r in ranks)  # one collective per step
     assert "rank=0" in ranks[0]["repr"] and "rank=1" in ranks[1]["repr"]
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
