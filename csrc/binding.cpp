@@ -265,6 +265,75 @@ void ema_direction_cuda(at::TensorList grads, at::TensorList momenta, double sig
                                stream_on(rows.device())));
 }
 
+// ---- Momentum-SAM (momentum_sam.cu) and SAMPa (sampa_extrapolate.cu) ----
+
+// The per-block partials and the 0-dim fp32 result of a fused step that also reduces (as grad_sq_norm).
+std::pair<at::Tensor, at::Tensor> reduction_buffers(const TensorRows& rows) {
+  const int64_t count = grad_norm_partials_count(rows.numels(), rows.size());
+  const auto options = at::TensorOptions().dtype(at::kFloat).device(rows.device());
+  return {at::empty({count > 0 ? count : 1}, options), at::empty({}, options)};
+}
+
+at::Tensor momentum_sam_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList bufs,
+                                 const at::Tensor& s_old, double lr, double momentum, double weight_decay,
+                                 bool nesterov) {
+  TensorRows rows(params, "params");
+  rows.add(grads, "grads", params);
+  rows.add(bufs, "bufs", params);
+  c10::cuda::CUDAGuard guard(rows.device());
+  const at::Tensor s32 = device_scalar(s_old, rows.device(), "s_old");
+  auto [partials, out] = reduction_buffers(rows);
+  const MomentumSamSgdConfig config{s32.data_ptr<float>(), static_cast<float>(lr), static_cast<float>(momentum),
+                                    static_cast<float>(weight_decay), nesterov};
+  C10_CUDA_CHECK(momentum_sam_sgd(rows.dtype(), rows.rows(), rows.numels(), rows.size(), config,
+                                  partials.data_ptr<float>(), out.data_ptr<float>(), stream_on(rows.device())));
+  return out;
+}
+
+at::Tensor momentum_sam_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                   at::TensorList exp_avg_sqs, const at::Tensor& s_old, double lr, double beta1,
+                                   double beta2, double eps, double weight_decay, int64_t step) {
+  TORCH_CHECK_VALUE(step >= 1, "fastsam cuda: step must be >= 1, got ", step);
+  TensorRows rows(params, "params");
+  rows.add(grads, "grads", params);
+  rows.add(exp_avgs, "exp_avgs", params);
+  rows.add(exp_avg_sqs, "exp_avg_sqs", params);
+  c10::cuda::CUDAGuard guard(rows.device());
+  const at::Tensor s32 = device_scalar(s_old, rows.device(), "s_old");
+  auto [partials, out] = reduction_buffers(rows);
+  const MomentumSamAdamWConfig config{s32.data_ptr<float>(), lr, beta1, beta2, static_cast<float>(eps), weight_decay,
+                                      step};
+  C10_CUDA_CHECK(momentum_sam_adamw(rows.dtype(), rows.rows(), rows.numels(), rows.size(), config,
+                                    partials.data_ptr<float>(), out.data_ptr<float>(), stream_on(rows.device())));
+  return out;
+}
+
+void momentum_sam_shift_cuda(at::TensorList params, at::TensorList bufs, const at::Tensor& scale,
+                             at::TensorList backups) {
+  TensorRows rows(params, "params");
+  rows.add(bufs, "bufs", params);
+  const bool has_backups = !backups.empty();
+  if (has_backups) rows.add(backups, "backups", params);
+  c10::cuda::CUDAGuard guard(rows.device());
+  const at::Tensor scale32 = device_scalar(scale, rows.device(), "scale");
+  C10_CUDA_CHECK(momentum_sam_shift(rows.dtype(), rows.rows(), rows.numels(), rows.size(), has_backups,
+                                    scale32.data_ptr<float>(), stream_on(rows.device())));
+}
+
+void sampa_extrapolate_cuda(at::TensorList params, at::TensorList directions, at::TensorList backups,
+                            at::TensorList bufs, double lr, double momentum, double weight_decay) {
+  TensorRows rows(params, "params");
+  rows.add(directions, "directions", params);
+  rows.add(backups, "backups", params);
+  const bool has_momentum = !bufs.empty() && momentum != 0.0;  // no buffers yet, or mu = 0: the term is left out
+  if (has_momentum) rows.add(bufs, "bufs", params);
+  c10::cuda::CUDAGuard guard(rows.device());
+  const SampaExtrapolateConfig config{static_cast<float>(lr), has_momentum, static_cast<float>(momentum),
+                                      static_cast<float>(weight_decay)};
+  C10_CUDA_CHECK(sampa_extrapolate(rows.dtype(), rows.rows(), rows.numels(), rows.size(), config,
+                                   stream_on(rows.device())));
+}
+
 // Both losses in one kernel dtype: as given when they already share one, else both as fp32
 // (exactly the torch backend's `.float()` before the subtraction).
 std::pair<at::Tensor, at::Tensor> loss_pair(const at::Tensor& before, const at::Tensor& after) {
@@ -364,6 +433,11 @@ TORCH_LIBRARY(fastsam_cuda, m) {
   // layer-wise perturbation (AWP / WT-AWP / HERO)
   m.def("per_tensor_sq_norms(Tensor[] tensors) -> Tensor");
   m.def("perturb_per_tensor_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backups, Tensor scales) -> ()");
+  // Momentum-SAM and SAMPa
+  m.def("momentum_sam_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, Tensor s_old, float lr, float momentum, float weight_decay, bool nesterov) -> Tensor");
+  m.def("momentum_sam_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor s_old, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> Tensor");
+  m.def("momentum_sam_shift_(Tensor(a!)[] params, Tensor[] bufs, Tensor scale, Tensor(b!)[] backups) -> ()");
+  m.def("sampa_extrapolate_(Tensor(a!)[] params, Tensor[] directions, Tensor(b!)[] backups, Tensor[] bufs, float lr, float momentum, float weight_decay) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsam_cuda, CUDA, m) {
@@ -379,6 +453,11 @@ TORCH_LIBRARY_IMPL(fastsam_cuda, CUDA, m) {
   // layer-wise perturbation (AWP / WT-AWP / HERO)
   m.impl("per_tensor_sq_norms", &fastsam::cuda::per_tensor_sq_norms_cuda);
   m.impl("perturb_per_tensor_", &fastsam::cuda::perturb_per_tensor_cuda);
+  // Momentum-SAM and SAMPa
+  m.impl("momentum_sam_sgd_", &fastsam::cuda::momentum_sam_sgd_cuda);
+  m.impl("momentum_sam_adamw_", &fastsam::cuda::momentum_sam_adamw_cuda);
+  m.impl("momentum_sam_shift_", &fastsam::cuda::momentum_sam_shift_cuda);
+  m.impl("sampa_extrapolate_", &fastsam::cuda::sampa_extrapolate_cuda);
 }
 
 // The Python module fastsam._C (or the JIT build's module) itself is empty: importing it runs the

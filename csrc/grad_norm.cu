@@ -60,22 +60,6 @@ struct NormChunkBody {
   }
 };
 
-struct NormCleanupArgs {
-  const float* partials;
-  int64_t count;
-  float* out;
-};
-
-// One block: thread tid adds partials tid, tid + nthreads, ... in order, then the block tree.
-struct NormCleanupBody {
-  static __host__ __device__ float thread_partial(const NormCleanupArgs& args, int, int tid, int nthreads) {
-    float acc = 0.0f;
-    for (int64_t i = tid; i < args.count; i += nthreads) acc += args.partials[i];
-    return acc;
-  }
-  static __host__ __device__ void finish(const NormCleanupArgs& args, int, float total) { *args.out = total; }
-};
-
 template <typename T, NormMode kMode, class Exec>
 cudaError_t grad_sq_norm_typed(const Exec& exec, float eta, void* const* rows, const int64_t* numels, int n,
                                float* partials, float* out) {
@@ -85,7 +69,7 @@ cudaError_t grad_sq_norm_typed(const Exec& exec, float eta, void* const* rows, c
         return exec.template launch_reduce<Body>(blocks, meta, NormPartialsArgs{partials, base, eta});
       });
   if (err != cudaSuccess) return err;
-  return exec.template launch_reduce<NormCleanupBody>(1, NormCleanupArgs{partials, count_chunks_of(numels, n), out});
+  return sum_partials(exec, partials, count_chunks_of(numels, n), out);
 }
 
 template <class Exec>

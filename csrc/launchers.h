@@ -22,7 +22,7 @@ enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class NormMode : int32_t { kPlain = 0, kAdaptive = 1, kFisher = 2 };
 
 // Bumped whenever a signature or schema changes, so a stale build is detected at load time.
-constexpr int64_t kAbiVersion = 2;
+constexpr int64_t kAbiVersion = 3;
 
 // sds_select ranks a batch in one launch up to this size (O(B^2 / #threads) comparisons).
 constexpr int64_t kMaxSdsSelectBatch = 65536;
@@ -107,6 +107,53 @@ cudaError_t grad_mix(DType dtype, void* const* rows, const int64_t* numels, int 
 // g = g - sigma m and m = lmbda m + (1 - lmbda) g_old.
 cudaError_t ema_direction(DType dtype, void* const* rows, const int64_t* numels, int n, float sigma, float lmbda,
                           const float* skip, cudaStream_t stream);
+
+// ---- Momentum-SAM (momentum_sam.cu) and SAMPa (sampa_extrapolate.cu) ---------------------------
+
+// momentum_sam_sgd: rows [params, grads, bufs], params at the ascent point w~ on entry:
+// d = g + wd w~; w = w~ + *s_old v; v = mu v + d; w -= lr (nesterov ? d + mu v : v); and
+// *out = sum of the new v^2 as stored. `partials` holds grad_norm_partials_count(numels, n) floats
+// (one per block; the same chunking). Deterministic, as grad_sq_norm.
+struct MomentumSamSgdConfig {
+  const float* s_old;  // device scalar, required
+  float lr;
+  float momentum;
+  float weight_decay;
+  bool nesterov;
+};
+cudaError_t momentum_sam_sgd(DType dtype, void* const* rows, const int64_t* numels, int n,
+                             const MomentumSamSgdConfig& config, float* partials, float* out, cudaStream_t stream);
+
+// momentum_sam_adamw: rows [params, grads, exp_avgs, exp_avg_sqs]: w = w~ + *s_old m, AdamW moments
+// and bias-corrected step (step t >= 1; corrections formed in double), then w *= 1 - lr wd;
+// *out = sum of the new m^2 as stored; `partials` as for momentum_sam_sgd.
+struct MomentumSamAdamWConfig {
+  const float* s_old;
+  double lr;
+  double beta1;
+  double beta2;
+  float eps;
+  double weight_decay;
+  int64_t step;
+};
+cudaError_t momentum_sam_adamw(DType dtype, void* const* rows, const int64_t* numels, int n,
+                               const MomentumSamAdamWConfig& config, float* partials, float* out, cudaStream_t stream);
+
+// momentum_sam_shift: rows [params, bufs] or, with has_backups, [params, bufs, backups]:
+// backup = w (has_backups), w += *scale v.
+cudaError_t momentum_sam_shift(DType dtype, void* const* rows, const int64_t* numels, int n, bool has_backups,
+                               const float* scale, cudaStream_t stream);
+
+// sampa_extrapolate: rows [params, directions, backups] or, with has_momentum, [..., bufs]:
+// backup = w; w -= lr (d + weight_decay w + momentum buf).
+struct SampaExtrapolateConfig {
+  float lr;
+  bool has_momentum;  // rows include the momentum buffers
+  float momentum;
+  float weight_decay;
+};
+cudaError_t sampa_extrapolate(DType dtype, void* const* rows, const int64_t* numels, int n,
+                              const SampaExtrapolateConfig& config, cudaStream_t stream);
 
 // sds_select: out[0..k) = indices of the k largest s_i = after_i - before_i (fp32), by decreasing s,
 // ties by lower index, NaN ranked as -inf (last). 1 <= k <= batch <= kMaxSdsSelectBatch.

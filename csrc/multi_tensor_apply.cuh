@@ -418,5 +418,28 @@ struct HostExec {
   }
 };
 
+// *out = the sum of count per-block partial sums, in a fixed order: one block, thread tid adds
+// partials tid, tid + nthreads, ... in turn, then the block tree. The second half of every
+// deterministic global reduction (grad_norm, Momentum-SAM's fused steps).
+struct SumPartialsArgs {
+  const float* partials;
+  int64_t count;
+  float* out;
+};
+
+struct SumPartialsBody {
+  static __host__ __device__ float thread_partial(const SumPartialsArgs& args, int, int tid, int nthreads) {
+    float acc = 0.0f;
+    for (int64_t i = tid; i < args.count; i += nthreads) acc += args.partials[i];
+    return acc;
+  }
+  static __host__ __device__ void finish(const SumPartialsArgs& args, int, float total) { *args.out = total; }
+};
+
+template <class Exec>
+cudaError_t sum_partials(const Exec& exec, const float* partials, int64_t count, float* out) {
+  return exec.template launch_reduce<SumPartialsBody>(1, SumPartialsArgs{partials, count, out});
+}
+
 }  // namespace cuda
 }  // namespace fastsam

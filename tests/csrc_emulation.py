@@ -66,6 +66,13 @@ class Emulation:
         lib.fastsam_emu_per_tensor_partials_count.restype = c_int64
         lib.fastsam_emu_per_tensor_sq_norms.argtypes = [c_int, vp, i64p, c_int, c_void_p, c_void_p]
         lib.fastsam_emu_perturb_per_tensor.argtypes = [c_int, vp, i64p, c_int, c_void_p]
+        # Momentum-SAM and SAMPa
+        lib.fastsam_emu_momentum_sam_sgd.argtypes = [c_int, vp, i64p, c_int, c_void_p, c_float, c_float, c_float,
+                                                     c_int, c_void_p, c_void_p]
+        lib.fastsam_emu_momentum_sam_adamw.argtypes = [c_int, vp, i64p, c_int, c_void_p, c_double, c_double,
+                                                       c_double, c_float, c_double, c_int64, c_void_p, c_void_p]
+        lib.fastsam_emu_momentum_sam_shift.argtypes = [c_int, vp, i64p, c_int, c_int, c_void_p]
+        lib.fastsam_emu_sampa_extrapolate.argtypes = [c_int, vp, i64p, c_int, c_float, c_int, c_float, c_float]
 
     # ---------------------------------------------------------------- planning and Philox
 
@@ -195,6 +202,44 @@ class Emulation:
         scales = scales.to(torch.float32).contiguous()
         _check(self.lib.fastsam_emu_perturb_per_tensor(DTYPE_CODES[params[0].dtype], rows, numels, n, _ptr(scales)),
                "perturb_per_tensor_")
+
+    # ---------------------------------------------------------------- Momentum-SAM and SAMPa
+
+    def _reduction_buffers(self, tensors):
+        partials = torch.full((max(1, self.partials_count([t.numel() for t in tensors])),), float("nan"))
+        return partials, torch.full((), float("nan"))
+
+    def momentum_sam_sgd_(self, params, grads, bufs, s_old, lr, momentum, weight_decay, nesterov):
+        rows, numels, n = _rows(params, grads, bufs)
+        s_old = _scalar(s_old)
+        partials, out = self._reduction_buffers(params)
+        _check(self.lib.fastsam_emu_momentum_sam_sgd(DTYPE_CODES[params[0].dtype], rows, numels, n, _ptr(s_old), lr,
+                                                     momentum, weight_decay, int(nesterov), _ptr(partials),
+                                                     _ptr(out)), "momentum_sam_sgd_")
+        return out
+
+    def momentum_sam_adamw_(self, params, grads, exp_avgs, exp_avg_sqs, s_old, lr, beta1, beta2, eps, weight_decay,
+                            step):
+        rows, numels, n = _rows(params, grads, exp_avgs, exp_avg_sqs)
+        s_old = _scalar(s_old)
+        partials, out = self._reduction_buffers(params)
+        _check(self.lib.fastsam_emu_momentum_sam_adamw(DTYPE_CODES[params[0].dtype], rows, numels, n, _ptr(s_old),
+                                                       lr, beta1, beta2, eps, weight_decay, step, _ptr(partials),
+                                                       _ptr(out)), "momentum_sam_adamw_")
+        return out
+
+    def momentum_sam_shift_(self, params, bufs, scale, backups):
+        rows, numels, n = _rows(params, bufs, *([backups] if backups else []))
+        scale = _scalar(scale)
+        _check(self.lib.fastsam_emu_momentum_sam_shift(DTYPE_CODES[params[0].dtype], rows, numels, n,
+                                                       int(bool(backups)), _ptr(scale)), "momentum_sam_shift_")
+
+    def sampa_extrapolate_(self, params, directions, backups, bufs, lr, momentum, weight_decay):
+        has_momentum = bool(bufs) and momentum != 0  # as the binding
+        rows, numels, n = _rows(params, directions, backups, *([bufs] if has_momentum else []))
+        _check(self.lib.fastsam_emu_sampa_extrapolate(DTYPE_CODES[params[0].dtype], rows, numels, n, lr,
+                                                      int(has_momentum), momentum, weight_decay),
+               "sampa_extrapolate_")
 
 
 _cached: Emulation | None = None

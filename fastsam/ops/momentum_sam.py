@@ -200,3 +200,80 @@ def momentum_sam_shift_torch(params, bufs, scale, backups) -> None:
     w = pack_fp32(params)
     w.add_(pack_fp32(bufs) * scale)
     unpack_into_(params, w)
+
+
+# --------------------------------------------------------------------------------------------
+# cuda backend (csrc/momentum_sam.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("momentum_sam_sgd", "cuda")
+def momentum_sam_sgd_cuda(params, grads, bufs, s_old, lr, momentum, weight_decay, nesterov) -> torch.Tensor:
+    check_bucket("momentum_sam_sgd", params, grads=grads, bufs=bufs)
+    args = (params, grads, bufs, s_old, float(lr), float(momentum), float(weight_decay), bool(nesterov))
+    return _cuda.call("momentum_sam_sgd_", args, momentum_sam_sgd_torch, args)
+
+
+@_cuda.fake("momentum_sam_sgd_")
+def _momentum_sam_sgd_fake(params, grads, bufs, s_old, lr, momentum, weight_decay, nesterov):
+    return params[0].new_empty((), dtype=FP32)
+
+
+@register("momentum_sam_adamw", "cuda")
+def momentum_sam_adamw_cuda(params, grads, exp_avgs, exp_avg_sqs, s_old, lr, beta1, beta2, eps, weight_decay,
+                            step) -> torch.Tensor:
+    check_bucket("momentum_sam_adamw", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    args = (params, grads, exp_avgs, exp_avg_sqs, s_old, float(lr), float(beta1), float(beta2), float(eps),
+            float(weight_decay), int(step))
+    return _cuda.call("momentum_sam_adamw_", args, momentum_sam_adamw_torch, args)
+
+
+@_cuda.fake("momentum_sam_adamw_")
+def _momentum_sam_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, s_old, lr, beta1, beta2, eps, weight_decay, step):
+    return params[0].new_empty((), dtype=FP32)
+
+
+@register("momentum_sam_shift", "cuda")
+def momentum_sam_shift_cuda(params, bufs, scale, backups) -> None:
+    check_bucket("momentum_sam_shift", params, bufs=bufs, **({"backups": backups} if backups is not None else {}))
+    if not params:
+        return
+    _cuda.call("momentum_sam_shift_", (params, bufs, scale, [] if backups is None else backups),
+               momentum_sam_shift_torch, (params, bufs, scale, backups))
+
+
+@_cuda.fake("momentum_sam_shift_")
+def _momentum_sam_shift_fake(params, bufs, scale, backups):
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend (kernels/momentum_sam.py)
+# --------------------------------------------------------------------------------------------
+
+@register("momentum_sam_sgd", "triton")
+def momentum_sam_sgd_triton(params, grads, bufs, s_old, lr, momentum, weight_decay, nesterov) -> torch.Tensor:
+    check_bucket("momentum_sam_sgd", params, grads=grads, bufs=bufs)
+    from fastsam.kernels import momentum_sam as kernels  # imported on first use: triton is optional
+
+    return kernels.momentum_sam_sgd_entry(params, grads, bufs, s_old, lr, momentum, weight_decay, nesterov)
+
+
+@register("momentum_sam_adamw", "triton")
+def momentum_sam_adamw_triton(params, grads, exp_avgs, exp_avg_sqs, s_old, lr, beta1, beta2, eps, weight_decay,
+                              step) -> torch.Tensor:
+    check_bucket("momentum_sam_adamw", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    from fastsam.kernels import momentum_sam as kernels
+
+    return kernels.momentum_sam_adamw_entry(params, grads, exp_avgs, exp_avg_sqs, s_old, lr, beta1, beta2, eps,
+                                            weight_decay, step)
+
+
+@register("momentum_sam_shift", "triton")
+def momentum_sam_shift_triton(params, bufs, scale, backups) -> None:
+    check_bucket("momentum_sam_shift", params, bufs=bufs, **({"backups": backups} if backups is not None else {}))
+    from fastsam.kernels import momentum_sam as kernels
+
+    kernels.momentum_sam_shift_entry(params, bufs, scale, backups)

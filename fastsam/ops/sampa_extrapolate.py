@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import is_low_precision, pack_fp32, unpack_into_
 
@@ -36,6 +36,10 @@ def sampa_extrapolate_(params, directions, backups, bufs=(), *, lr: float, momen
            [bufs[i] for i in idx] if bufs else [], float(lr), float(momentum), float(weight_decay))
 
 
+def _check_bucket(params, directions, backups, bufs) -> None:
+    check_bucket("sampa_extrapolate", params, directions=directions, backups=backups, **({"bufs": bufs} if bufs else {}))
+
+
 def _core(params, directions, bufs, lr, momentum, weight_decay):
     d = torch._foreach_add(directions, params, alpha=weight_decay) if weight_decay else list(directions)
     if bufs and momentum:
@@ -45,6 +49,7 @@ def _core(params, directions, bufs, lr, momentum, weight_decay):
 
 @register("sampa_extrapolate", "torch")
 def sampa_extrapolate_torch(params, directions, backups, bufs, lr, momentum, weight_decay) -> None:
+    _check_bucket(params, directions, backups, bufs)
     if not params:
         return
     torch._foreach_copy_(backups, params)
@@ -54,3 +59,36 @@ def sampa_extrapolate_torch(params, directions, backups, bufs, lr, momentum, wei
     w = [pack_fp32(params)]
     _core(w, [pack_fp32(directions)], [pack_fp32(bufs)] if bufs else [], lr, momentum, weight_decay)
     unpack_into_(params, w[0])
+
+
+# --------------------------------------------------------------------------------------------
+# cuda backend (csrc/sampa_extrapolate.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("sampa_extrapolate", "cuda")
+def sampa_extrapolate_cuda(params, directions, backups, bufs, lr, momentum, weight_decay) -> None:
+    _check_bucket(params, directions, backups, bufs)
+    if not params:
+        return
+    args = (params, directions, backups, list(bufs), float(lr), float(momentum), float(weight_decay))
+    _cuda.call("sampa_extrapolate_", args, sampa_extrapolate_torch, args)
+
+
+@_cuda.fake("sampa_extrapolate_")
+def _sampa_extrapolate_fake(params, directions, backups, bufs, lr, momentum, weight_decay):
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend (kernels/sampa_extrapolate.py)
+# --------------------------------------------------------------------------------------------
+
+@register("sampa_extrapolate", "triton")
+def sampa_extrapolate_triton(params, directions, backups, bufs, lr, momentum, weight_decay) -> None:
+    _check_bucket(params, directions, backups, bufs)
+    from fastsam.kernels import sampa_extrapolate as kernels  # imported on first use: triton is optional
+
+    kernels.sampa_extrapolate_entry(params, directions, backups, bufs, lr, momentum, weight_decay)

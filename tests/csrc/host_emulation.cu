@@ -20,6 +20,9 @@
 // layer-wise perturbation (AWP / WT-AWP / HERO)
 #include "per_tensor_norm.cu"
 #include "perturb_per_tensor.cu"
+// Momentum-SAM and SAMPa
+#include "momentum_sam.cu"
+#include "sampa_extrapolate.cu"
 
 using namespace fastsam::cuda;
 
@@ -182,6 +185,33 @@ int fastsam_emu_per_tensor_sq_norms(int dtype, void* const* rows, const int64_t*
 
 int fastsam_emu_perturb_per_tensor(int dtype, void* const* rows, const int64_t* numels, int n, const float* scales) {
   return launch_perturb_per_tensor(HostExec{}, static_cast<DType>(dtype), rows, numels, n, scales);
+}
+
+// ---- Momentum-SAM and SAMPa ----
+
+int fastsam_emu_momentum_sam_sgd(int dtype, void* const* rows, const int64_t* numels, int n, const float* s_old,
+                                 float lr, float momentum, float weight_decay, int nesterov, float* partials,
+                                 float* out) {
+  const MomentumSamSgdConfig config{s_old, lr, momentum, weight_decay, nesterov != 0};
+  return launch_momentum_sam_sgd(HostExec{}, static_cast<DType>(dtype), rows, numels, n, config, partials, out);
+}
+
+int fastsam_emu_momentum_sam_adamw(int dtype, void* const* rows, const int64_t* numels, int n, const float* s_old,
+                                   double lr, double beta1, double beta2, float eps, double weight_decay, int64_t step,
+                                   float* partials, float* out) {
+  const MomentumSamAdamWConfig config{s_old, lr, beta1, beta2, eps, weight_decay, step};
+  return launch_momentum_sam_adamw(HostExec{}, static_cast<DType>(dtype), rows, numels, n, config, partials, out);
+}
+
+int fastsam_emu_momentum_sam_shift(int dtype, void* const* rows, const int64_t* numels, int n, int has_backups,
+                                   const float* scale) {
+  return launch_momentum_sam_shift(HostExec{}, static_cast<DType>(dtype), rows, numels, n, has_backups != 0, scale);
+}
+
+int fastsam_emu_sampa_extrapolate(int dtype, void* const* rows, const int64_t* numels, int n, float lr,
+                                  int has_momentum, float momentum, float weight_decay) {
+  const SampaExtrapolateConfig config{lr, has_momentum != 0, momentum, weight_decay};
+  return launch_sampa_extrapolate(HostExec{}, static_cast<DType>(dtype), rows, numels, n, config);
 }
 
 }  // extern "C"
