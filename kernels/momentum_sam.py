@@ -177,8 +177,9 @@ def _device_scalar(x: torch.Tensor, device) -> torch.Tensor:
     return x.to(device=device, dtype=torch.float32).reshape(())
 
 
-def _reduce_launch(kernel, lists, mutated, *args, **constexprs) -> torch.Tensor:
-    """Run ``kernel`` (one partial per block) over ``lists``, then the fixed-tree sum: a 0-dim fp32 tensor."""
+def _reduce_launch(lists, mutated, launch_part) -> torch.Tensor:
+    """``launch_part(part, partials, DTYPE, BLOCK)`` (one partial per block) over every part of the
+    table of ``lists``, then the fixed-tree sum of the partials: a new 0-dim fp32 tensor."""
     device = lists[0][0].device
     lists, write_back = dense_lists(lists, mutated=mutated)
     out = torch.empty((), dtype=torch.float32, device=device)
@@ -189,8 +190,7 @@ def _reduce_launch(kernel, lists, mutated, *args, **constexprs) -> torch.Tensor:
     tab = table(lists, block)
     partials = torch.empty(tab.n_blocks, dtype=torch.float32, device=device)
     for part in tab.parts:
-        launch(kernel, (part.n_blocks,), part.meta, part.n_tensors, partials[part.first_block:], *args,
-               DTYPE=tl_dtype(lists[0][0].dtype), ALIGN=part.align, BLOCK=block, num_warps=NUM_WARPS, **constexprs)
+        launch_part(part, partials[part.first_block:], tl_dtype(lists[0][0].dtype), block)
     copy_back(write_back)
     sum_tree_(partials, out)
     return out
@@ -199,10 +199,14 @@ def _reduce_launch(kernel, lists, mutated, *args, **constexprs) -> torch.Tensor:
 def momentum_sam_sgd_(params, grads, bufs, s_old: torch.Tensor, lr: float, momentum: float, weight_decay: float,
                       nesterov: bool) -> torch.Tensor:
     """Launch ``momentum_sam_sgd_kernel`` over one bucket; returns ``sum(v_new^2)`` (0-dim fp32)."""
-    device = params[0].device
-    return _reduce_launch(momentum_sam_sgd_kernel, [list(params), list(grads), list(bufs)], (0, 2),
-                          _device_scalar(s_old, device), float(lr), float(momentum), float(weight_decay),
-                          NESTEROV=bool(nesterov), HAS_WEIGHT_DECAY=weight_decay != 0)
+    s = _device_scalar(s_old, params[0].device)
+
+    def launch_part(part, partials, dtype, block):
+        launch(momentum_sam_sgd_kernel, (part.n_blocks,), part.meta, part.n_tensors, partials, s, float(lr),
+               float(momentum), float(weight_decay), DTYPE=dtype, NESTEROV=bool(nesterov),
+               HAS_WEIGHT_DECAY=weight_decay != 0, ALIGN=part.align, BLOCK=block, num_warps=NUM_WARPS)
+
+    return _reduce_launch([list(params), list(grads), list(bufs)], (0, 2), launch_part)
 
 
 def adamw_scalars(lr: float, beta1: float, beta2: float, weight_decay: float, step: int) -> tuple[float, float, float]:
@@ -213,11 +217,15 @@ def adamw_scalars(lr: float, beta1: float, beta2: float, weight_decay: float, st
 def momentum_sam_adamw_(params, grads, exp_avgs, exp_avg_sqs, s_old: torch.Tensor, lr: float, beta1: float,
                         beta2: float, eps: float, weight_decay: float, step: int) -> torch.Tensor:
     """Launch ``momentum_sam_adamw_kernel`` over one bucket; returns ``sum(m_new^2)`` (0-dim fp32)."""
-    device = params[0].device
+    s = _device_scalar(s_old, params[0].device)
     step_size, bc2_sqrt, decay = adamw_scalars(float(lr), float(beta1), float(beta2), float(weight_decay), int(step))
-    return _reduce_launch(momentum_sam_adamw_kernel, [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)],
-                          (0, 2, 3), _device_scalar(s_old, device), step_size, 1.0 - float(beta1), float(beta2),
-                          1.0 - float(beta2), bc2_sqrt, float(eps), decay, HAS_WEIGHT_DECAY=weight_decay != 0)
+
+    def launch_part(part, partials, dtype, block):
+        launch(momentum_sam_adamw_kernel, (part.n_blocks,), part.meta, part.n_tensors, partials, s, step_size,
+               1.0 - float(beta1), float(beta2), 1.0 - float(beta2), bc2_sqrt, float(eps), decay, DTYPE=dtype,
+               HAS_WEIGHT_DECAY=weight_decay != 0, ALIGN=part.align, BLOCK=block, num_warps=NUM_WARPS)
+
+    return _reduce_launch([list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)], (0, 2, 3), launch_part)
 
 
 def momentum_sam_shift_(params, bufs, scale: torch.Tensor, backups) -> None:

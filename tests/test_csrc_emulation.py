@@ -393,3 +393,98 @@ def test_ema_direction(emu, dtype):
         kept = [m.clone() for m in momenta]
         emu.ema_direction_(grads, momenta, 1.0, 0.9, torch.tensor(1.0))
         assert all(torch.equal(m, k) for m, k in zip(momenta, kept))
+
+
+# ---------------------------------------------------------------------------------- Momentum-SAM, SAMPa
+
+
+def _sq(ts) -> float:
+    return sum(float((t.double() ** 2).sum()) for t in ts)
+
+
+@pytest.mark.parametrize("nesterov,wd", [(False, 1e-2), (True, 0.0)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_momentum_sam_sgd(emu, dtype, nesterov, wd):
+    from test_momentum_sam_ops import reference_sgd
+
+    gen = torch.Generator().manual_seed(hash((str(dtype), nesterov, "msam_sgd")) % 2 ** 31)
+    for shapes, how in zip(shape_sets(gen), ("mixed", "aligned", "misaligned", "mixed")):
+        w = layouts(randn_list(shapes, dtype, "cpu", gen), how)
+        g = randn_list(shapes, dtype, "cpu", gen)
+        v = layouts(randn_list(shapes, dtype, "cpu", gen), "mixed")
+        expected = [reference_sgd(a, b, c, 0.07, 0.1, 0.9, wd, nesterov) for a, b, c in zip(w, g, v)]
+        sq = emu.momentum_sam_sgd_(w, g, v, torch.tensor(0.07), 0.1, 0.9, wd, nesterov)
+        for a, b, (ew, ev) in zip(w, v, expected):
+            assert_close_dtype(a, ew, dtype, factor=4)
+            assert_close_dtype(b, ev, dtype, factor=4)
+        assert sq.dtype == torch.float32
+        assert math.isclose(float(sq), _sq(v), rel_tol=2e-5), "the norm of the buffers as stored"
+
+
+@pytest.mark.parametrize("step", [1, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_momentum_sam_adamw(emu, dtype, step):
+    from test_momentum_sam_ops import reference_adamw
+
+    gen = torch.Generator().manual_seed(hash((str(dtype), step, "msam_adamw")) % 2 ** 31)
+    for shapes, how in zip(shape_sets(gen)[1::2], ("misaligned", "mixed")):
+        w = layouts(randn_list(shapes, dtype, "cpu", gen), how)
+        g, m = randn_list(shapes, dtype, "cpu", gen), randn_list(shapes, dtype, "cpu", gen)
+        u = layouts([x.abs() for x in randn_list(shapes, dtype, "cpu", gen)], "mixed")
+        expected = [reference_adamw(*args, 0.05, 1e-2, 0.9, 0.99, 1e-8, 0.1, step) for args in zip(w, g, m, u)]
+        sq = emu.momentum_sam_adamw_(w, g, m, u, torch.tensor(0.05), 1e-2, 0.9, 0.99, 1e-8, 0.1, step)
+        for got, want in zip((w, m, u), zip(*expected)):
+            for a, e in zip(got, want):
+                assert_close_dtype(a, e, dtype, factor=4)
+        assert math.isclose(float(sq), _sq(m), rel_tol=2e-5)
+
+
+def test_momentum_sam_norm_is_deterministic_alignment_free_and_spans_launches(emu):
+    """Bitwise the same squared norm wherever the tensors sit; a bucket of more tensors than one launch holds."""
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(int(n),) for n in torch.randint(1, 300, (400,), generator=gen)] + [(278011,)]
+    w, g, v = (randn_list(shapes, torch.float32, "cpu", gen) for _ in range(3))
+    runs = []
+    for how in ("aligned", "misaligned", "aligned"):
+        ws, vs = layouts([x.clone() for x in w], how), layouts([x.clone() for x in v], how)
+        runs.append((emu.momentum_sam_sgd_(ws, g, vs, torch.tensor(0.1), 0.1, 0.9, 0.0, False), ws, vs))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][0], runs[2][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1] + runs[0][2], runs[1][1] + runs[1][2]))
+    assert math.isclose(float(runs[0][0]), _sq(runs[0][2]), rel_tol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_momentum_sam_shift(emu, dtype):
+    gen = torch.Generator().manual_seed(hash((str(dtype), "msam_shift")) % 2 ** 31)
+    for shapes, how in zip(shape_sets(gen), ("mixed", "aligned", "misaligned", "mixed")):
+        w = layouts(randn_list(shapes, dtype, "cpu", gen), how)
+        v = randn_list(shapes, dtype, "cpu", gen)
+        w0 = [x.clone() for x in w]
+        backups = layouts([torch.full_like(x, float("nan")) for x in w], "mixed")
+        emu.momentum_sam_shift_(w, v, torch.tensor(-0.3), backups)
+        for a, o, b, c in zip(w, w0, backups, v):
+            assert torch.equal(b, o)
+            assert_close_dtype(a, o.double() - 0.3 * c.double(), dtype)
+        moved = [x.clone() for x in w]
+        emu.momentum_sam_shift_(w, v, torch.tensor(0.3), [])  # no backups: just the move
+        for a, o, c in zip(w, moved, v):
+            assert_close_dtype(a, o.double() + 0.3 * c.double(), dtype)
+
+
+@pytest.mark.parametrize("with_bufs", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sampa_extrapolate(emu, dtype, with_bufs):
+    from test_sampa_extrapolate import reference_extrapolate
+
+    gen = torch.Generator().manual_seed(hash((str(dtype), with_bufs, "sampa")) % 2 ** 31)
+    for shapes, how in zip(shape_sets(gen), ("mixed", "aligned", "misaligned", "mixed")):
+        w = layouts(randn_list(shapes, dtype, "cpu", gen), how)
+        d = randn_list(shapes, dtype, "cpu", gen)
+        bufs = layouts(randn_list(shapes, dtype, "cpu", gen), "misaligned") if with_bufs else []
+        w0 = [x.clone() for x in w]
+        backups = [torch.full_like(x, float("nan")) for x in w]
+        emu.sampa_extrapolate_(w, d, backups, bufs, 0.1, 0.9, 5e-4)
+        for i, (a, o, b) in enumerate(zip(w, w0, backups)):
+            assert torch.equal(b, o)
+            assert_close_dtype(a, reference_extrapolate(o, d[i], bufs[i] if bufs else None, 0.1, 0.9, 5e-4), dtype,
+                               factor=2)

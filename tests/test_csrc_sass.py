@@ -79,6 +79,10 @@ CASES = [
     ("grad_mix", "GradMixBody", "Lb0", 2, 1, 3),                # reads x, y, writes x; a, b, skip
     ("grad_mix", "GradMixBody", "Lb1", 2, 2, 3),                # swap: writes both
     ("ema_direction", "EmaDirectionBody", None, 2, 2, 1),        # reads and writes g, m; skip
+    ("momentum_sam", "MomentumSamShiftBody", "Lb0", 2, 1, 1),    # reads w, v, writes w; the scale
+    ("momentum_sam", "MomentumSamShiftBody", "Lb1", 2, 2, 1),    # + writes the backup (not read)
+    ("sampa_extrapolate", "SampaExtrapolateBody", "Lb0", 2, 2, 0),  # reads w, d; writes w, backup
+    ("sampa_extrapolate", "SampaExtrapolateBody", "Lb1", 3, 2, 0),  # + reads the momentum buffer
 ]
 
 
@@ -91,3 +95,23 @@ def test_fused_ops_do_not_load_the_lists_they_only_write(tools, source, body, fl
         assert stores == paths * writes, dtype
         assert loads == paths * reads + scalars, (
             f"{body}{flags or ''}<{dtype}>: {loads} global loads, expected {paths} x {reads} lists + {scalars} scalars")
+
+
+# Fused steps that also reduce (reduce_body_kernel): the lists' accesses as above, plus the block's
+# partial sum, one STG (the block tree itself runs in shared memory). (source, body, lists read,
+# lists written, device scalars read)
+REDUCING_CASES = [
+    ("momentum_sam", "MomentumSamSgdBody", 3, 2, 1),    # reads w~, g, v; writes w, v; s_old
+    ("momentum_sam", "MomentumSamAdamWBody", 4, 3, 1),  # reads w~, g, m, u; writes w, m, u; s_old
+]
+
+
+@pytest.mark.parametrize("source,body,reads,writes,scalars", REDUCING_CASES, ids=[c[1] for c in REDUCING_CASES])
+def test_fused_reducing_steps_touch_each_list_once_and_store_one_partial(tools, source, body, reads, writes, scalars):
+    kernels = _kernels(tools, source, body)
+    assert len(kernels) == 3  # fp32, fp16, bf16
+    for dtype, counts in kernels:
+        paths = PATHS_PER_LIST[dtype]
+        assert counts["STG"] == paths * writes + 1, f"{body}<{dtype}>: {counts['STG']} global stores"
+        assert counts["LDG"] == paths * reads + scalars, (
+            f"{body}<{dtype}>: {counts['LDG']} global loads, expected {paths} x {reads} lists + {scalars} scalars")

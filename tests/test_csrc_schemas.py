@@ -89,6 +89,11 @@ def fake_extension():
             # layer-wise perturbation (AWP / WT-AWP / HERO)
             "per_tensor_sq_norms": _layout_guard(emu.per_tensor_sq_norms, list_args=(0,)),
             "perturb_per_tensor_": _layout_guard(emu.perturb_per_tensor_, list_args=(0, 1, 2)),
+            # Momentum-SAM and SAMPa
+            "momentum_sam_sgd_": _layout_guard(emu.momentum_sam_sgd_, list_args=(0, 1, 2)),
+            "momentum_sam_adamw_": _layout_guard(emu.momentum_sam_adamw_, list_args=(0, 1, 2, 3)),
+            "momentum_sam_shift_": _layout_guard(emu.momentum_sam_shift_, list_args=(0, 1, 3)),
+            "sampa_extrapolate_": _layout_guard(emu.sampa_extrapolate_, list_args=(0, 1, 2, 3)),
         }
         for name, schema in binding_schemas().items():
             if compiled:
@@ -105,7 +110,9 @@ def fake_extension():
 def test_binding_defines_every_op():
     assert set(binding_schemas()) == {"abi_version", "grad_sq_norm", "perturb_", "restore_", "restore_sgd_step_",
                                       "restore_adamw_step_", "sds_select", "sds_weights", "grad_mix_",
-                                      "ema_direction_", "per_tensor_sq_norms", "perturb_per_tensor_"}
+                                      "ema_direction_", "per_tensor_sq_norms", "perturb_per_tensor_",
+                                      "momentum_sam_sgd_", "momentum_sam_adamw_", "momentum_sam_shift_",
+                                      "sampa_extrapolate_"}
     names = {name for name, _ in _cuda_common._fakes}
     assert names == set(binding_schemas()) - {"abi_version"}, "every op needs a fake implementation"
 
@@ -212,6 +219,10 @@ def _opcheck_cases():
         "sds_weights": (before, after, 2.0),
         "per_tensor_sq_norms": (g,),
         "perturb_per_tensor_": (p, g, b, torch.tensor([0.5, float("nan")])),
+        "momentum_sam_sgd_": (p, g, m, torch.tensor(0.1), 0.1, 0.9, 1e-2, True),
+        "momentum_sam_adamw_": (p, g, m, v, torch.tensor(0.1), 1e-3, 0.9, 0.999, 1e-8, 1e-2, 3),
+        "momentum_sam_shift_": (p, m, torch.tensor(-0.2), b),
+        "sampa_extrapolate_": (p, g, b, m, 0.1, 0.9, 5e-4),
     }
 
 
@@ -268,3 +279,66 @@ def test_sds_weights_of_an_empty_batch(fake_extension):
     empty = torch.empty(0)
     w = sds_weights_cuda(empty, empty, 0.5)
     assert w.shape == (0,) and w.dtype == torch.float32
+
+
+# ---- Momentum-SAM and SAMPa ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_momentum_sam_and_sampa_backend_functions_through_the_schemas(fake_extension, dtype):
+    from fastsam.ops.momentum_sam import momentum_sam_adamw_cuda, momentum_sam_sgd_cuda, momentum_sam_shift_cuda
+    from fastsam.ops.sampa_extrapolate import sampa_extrapolate_cuda
+
+    gen = torch.Generator().manual_seed(4)
+    s = torch.tensor(0.07)
+    for nesterov in (False, True):
+        w1, g, v1 = _lists(SHAPES, dtype, gen, 3)
+        w2, v2 = [x.clone() for x in w1], [x.clone() for x in v1]
+        sq1 = momentum_sam_sgd_cuda(w1, g, v1, s, 0.1, 0.9, 1e-2, nesterov)
+        sq2 = ops.momentum_sam_sgd_(w2, g, v2, s_old=s, lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=nesterov,
+                                    backend="torch")
+        for a, b in zip(w1 + v1, w2 + v2):
+            assert_close_dtype(a, b.double(), dtype, factor=4)
+        torch.testing.assert_close(sq1, sq2, rtol=2e-5, atol=0.0)
+
+    w1, g, m1 = _lists(SHAPES, dtype, gen, 3)
+    (u1,) = [[x.abs() for x in xs] for xs in _lists(SHAPES, dtype, gen, 1)]
+    w2, m2, u2 = ([x.clone() for x in xs] for xs in (w1, m1, u1))
+    sq1 = momentum_sam_adamw_cuda(w1, g, m1, u1, s, 1e-2, 0.8, 0.99, 1e-6, 0.1, 5)
+    sq2 = ops.momentum_sam_adamw_(w2, g, m2, u2, s_old=s, lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1,
+                                  step=5, backend="torch")
+    for a, b in zip(w1 + m1 + u1, w2 + m2 + u2):
+        assert_close_dtype(a, b.double(), dtype, factor=4)
+    torch.testing.assert_close(sq1, sq2, rtol=2e-5, atol=0.0)
+
+    for backups in (None, [torch.empty_like(x) for x in w1]):
+        w2 = [x.clone() for x in w1]
+        ref_backups = None if backups is None else [torch.empty_like(x) for x in w1]
+        momentum_sam_shift_cuda(w1, m1, torch.tensor(-0.3), backups)
+        ops.momentum_sam_shift_(w2, m1, -0.3, ref_backups, backend="torch")
+        assert all(torch.equal(a, b) for a, b in zip(w1, w2))
+        if backups is not None:
+            assert all(torch.equal(a, b) for a, b in zip(backups, ref_backups))
+
+    for bufs in ([], m1):
+        w2 = [x.clone() for x in w1]
+        b1, b2 = [torch.empty_like(x) for x in w1], [torch.empty_like(x) for x in w1]
+        sampa_extrapolate_cuda(w1, g, b1, bufs, 0.1, 0.9, 5e-4)
+        ops.sampa_extrapolate_(w2, g, b2, bufs, lr=0.1, momentum=0.9, weight_decay=5e-4, backend="torch")
+        for a, b in zip(w1, w2):
+            assert_close_dtype(a, b.double(), dtype, factor=2)
+        assert all(torch.equal(a, b) for a, b in zip(b1, b2))
+
+
+def test_momentum_sam_layouts_the_kernels_decline_fall_back_to_torch(fake_extension):
+    """A transposed weight next to a row-major buffer: the kernels decline, the torch backend serves."""
+    from fastsam.ops.momentum_sam import momentum_sam_sgd_cuda
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 30, generator=gen).t()
+    g, v = torch.randn(30, 40, generator=gen), torch.randn(30, 40, generator=gen)
+    ref_w, ref_v = w.clone(), v.clone()
+    sq = momentum_sam_sgd_cuda([w], [g], [v], torch.tensor(0.1), 0.1, 0.9, 0.0, False)
+    ref_sq = ops.momentum_sam_sgd_([ref_w], [g], [ref_v], s_old=0.1, lr=0.1, backend="torch")
+    assert torch.equal(w, ref_w) and torch.equal(v, ref_v) and torch.equal(sq, ref_sq)
+    with pytest.raises(NotImplementedError, match="fallback"):
+        _cuda_common.op("momentum_sam_sgd_")([w], [g], [v], torch.tensor(0.1), 0.1, 0.9, 0.0, False)

@@ -239,6 +239,7 @@ calls = {
     "momentum_sam_adamw": lambda f, o: f(lists(good), lists(good), o, lists(good), torch.zeros(()), 0.1, 0.9,
                                          0.999, 1e-8, 0.0, 1),
     "momentum_sam_shift": lambda f, o: f(lists(good), o, torch.zeros(()), None),
+    "sampa_extrapolate": lambda f, o: f(lists(good), lists(good), o, lists(good), 0.1, 0.9, 0.0),
 }
 for op, call in calls.items():
     for backend, fn in ops.implementations(op).items():
@@ -262,7 +263,7 @@ def test_every_backend_checks_lengths_and_shapes_before_launching():
     assert "UNCHECKED" not in out, out
     backends = eval(out.splitlines()[0].split(" ", 1)[1])
     assert "torch" in backends
-    n_ops = 15
+    n_ops = 16
     assert out.count("OK ") >= 2 * n_ops, out
 
 

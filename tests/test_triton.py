@@ -62,6 +62,16 @@ def _opcheck_cases():
         "grad_mix_triton_": lambda: (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2), torch.tensor(0.5, device=d),
                                      torch.tensor(-2.0, device=d), True, torch.tensor(0.0, device=d)),
         "ema_direction_triton_": lambda: (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2), 1.0, 0.9, None),
+        "momentum_sam_sgd_triton_": lambda: (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2),
+                                             rand_list(SHAPES, seed=3), torch.tensor(0.1, device=d), 0.1, 0.9, 1e-2,
+                                             True),
+        "momentum_sam_adamw_triton_": lambda: (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2),
+                                               rand_list(SHAPES, seed=3), pos(4), torch.tensor(0.1, device=d), 1e-3,
+                                               0.9, 0.999, 1e-8, 1e-2, 3),
+        "momentum_sam_shift_triton_": lambda: (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2),
+                                               torch.tensor(-0.2, device=d), rand_list(SHAPES, seed=3)),
+        "sampa_extrapolate_triton_": lambda: (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2),
+                                              rand_list(SHAPES, seed=3), rand_list(SHAPES, seed=4), 0.1, 0.9, 5e-4),
         "sds_select_triton": lambda: (torch.randn(50, device=d), torch.randn(50, device=d), 7),
         "sds_weights_triton": lambda: (torch.randn(50, device=d), torch.randn(50, device=d), 0.5),
     }
@@ -157,6 +167,67 @@ def test_optimizer_trajectory_matches_torch_backend(name):
     for k in ref_state:
         for field, value in ref_state[k].items():
             torch.testing.assert_close(state[k][field], value, rtol=2e-5, atol=2e-6)
+
+
+ONE_PASS = {
+    # name: (build(params, backend), steps): one-closure optimizers (Momentum-SAM, SAMPa)
+    "momentum-sam-sgd": lambda ps, b: fastsam.MomentumSAM(ps, lr=0.1, momentum=0.9, weight_decay=1e-2, rho=0.3,
+                                                          backend=b),
+    "momentum-sam-nesterov": lambda ps, b: fastsam.MomentumSAM(ps, lr=0.05, nesterov=True, rho=0.1, backend=b),
+    "momentum-sam-adamw": lambda ps, b: fastsam.MomentumSAMAdamW(ps, lr=3e-3, weight_decay=1e-2, rho=0.5, backend=b),
+    "sampa": lambda ps, b: fastsam.SAMPa(ps, torch.optim.SGD, rho=0.1, parallel=False, lr=0.1, momentum=0.9,
+                                         weight_decay=5e-4, backend=b),
+}
+
+
+def _train_one_pass(name, backend, steps=8):
+    torch.manual_seed(0)
+    model = Net().to(DEVICE)
+    opt = ONE_PASS[name](model.parameters(), backend)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        x = torch.randn(16, 6, generator=gen).to(DEVICE)
+        y = torch.randint(0, 3, (16,), generator=gen).to(DEVICE)
+
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.zero_grad()
+        opt.step(closure)
+    return model, opt
+
+
+@pytest.mark.parametrize("name", list(ONE_PASS))
+def test_momentum_sam_and_sampa_over_triton_match_torch_backend(name):
+    """Momentum-SAM's fused step + shift and SAMPa's extrapolation on the Triton kernels, step for step."""
+    before = dict(_multi_tensor.launches)
+    model, opt = _train_one_pass(name, "triton")
+    launched = {k for k, v in _multi_tensor.launches.items() if v != before.get(k, 0)}
+    own = {"sampa_extrapolate_kernel"} if name == "sampa" else {"momentum_sam_shift_kernel"} | (
+        {"momentum_sam_adamw_kernel"} if "adamw" in name else {"momentum_sam_sgd_kernel"})
+    assert own <= launched, launched
+    ref_model, ref_opt = _train_one_pass(name, "torch")
+    for (pname, a), b in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6, msg=lambda m: f"{pname}: {m}")
+    ref_state, state = ref_opt.state_dict()["state"], opt.state_dict()["state"]
+    for k in ref_state:
+        for field, value in ref_state[k].items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(state[k][field], value, rtol=2e-5, atol=2e-6)
+
+
+def test_the_backend_environment_variable_puts_momentum_sam_on_triton(monkeypatch):
+    """``FASTSAM_BACKEND=triton`` with the default ``backend="auto"``: the Triton kernels run."""
+    monkeypatch.setenv(ops.ENV_VAR, "triton")
+    before = _multi_tensor.launches["momentum_sam_sgd_kernel"]
+    model, _ = _train_one_pass("momentum-sam-sgd", "auto", steps=2)
+    assert _multi_tensor.launches["momentum_sam_sgd_kernel"] - before == 2
+    monkeypatch.delenv(ops.ENV_VAR)
+    ref_model, _ = _train_one_pass("momentum-sam-sgd", "torch", steps=2)
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,6 +32,13 @@ same op with ``scale = +s`` and backups gives the unperturbed weights for evalua
 ``scale`` are 0-dim device tensors (no host sync); ``lr`` a float. Math and the returned squared norm
 are fp32, except for fp64 buckets, which stay fp64 throughout.
 
+Backends: ``torch`` (below, the reference: ``_foreach_*`` passes, flat fp32 copies for fp16/bf16, the
+only one for fp64), ``triton`` (``kernels/momentum_sam.py``) and ``cuda`` (``csrc/momentum_sam.cu``).
+The compiled two make each step one pass over the lists (read w, g, v, write w, v: 20 fp32 bytes per
+element for SGD; 28 for AdamW) that also writes one partial sum of the new momentum's squares per
+block, then add the partials in a fixed order in one small launch (deterministic, no atomics, as
+``grad_norm``); the shift is one pass (12 bytes, 16 with backups).
+
 Backend contracts (one (device, dtype) bucket each):
 ``register("momentum_sam_sgd", b)``: ``fn(params, grads, bufs, s_old, lr, momentum, weight_decay, nesterov)
 -> Tensor``; ``register("momentum_sam_adamw", b)``: ``fn(params, grads, exp_avgs, exp_avg_sqs, s_old, lr,
@@ -138,7 +145,9 @@ def _sgd_core(params, grads, bufs, s_old, lr, momentum, weight_decay, nesterov):
     torch._foreach_add_(params, torch._foreach_mul(bufs, s))
     if momentum != 0:
         torch._foreach_mul_(bufs, momentum)
-    torch._foreach_add_(bufs, d)
+        torch._foreach_add_(bufs, d)
+    else:  # v = d, not v + d: without momentum the old buffer drops out
+        torch._foreach_copy_(bufs, d)
     step_dir = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
     torch._foreach_add_(params, step_dir, alpha=-lr)
     return _sq_norm(bufs)

@@ -9,6 +9,10 @@ authors' code: the step SGD would take with ``d``, without updating the buffer; 
 
 ``bufs`` may be empty (no momentum yet): the term is left out. ``restore_`` undoes the move.
 
+Backends: ``torch`` (the reference; the only one for fp64), ``triton`` (``kernels/sampa_extrapolate.py``)
+and ``cuda`` (``csrc/sampa_extrapolate.cu``): one pass, reading w, d (and buf) and writing w and the
+backup, 16 fp32 bytes per element (20 with the buffers). ``directions`` and ``bufs`` are read-only.
+
 Backend contract (``register("sampa_extrapolate", b)``): ``fn(params, directions, backups, bufs, lr,
 momentum, weight_decay) -> None`` on one (device, dtype) bucket.
 """
@@ -41,9 +45,11 @@ def _check_bucket(params, directions, backups, bufs) -> None:
 
 
 def _core(params, directions, bufs, lr, momentum, weight_decay):
-    d = torch._foreach_add(directions, params, alpha=weight_decay) if weight_decay else list(directions)
+    d = list(directions)  # read-only: each term below makes new tensors (d itself may be SAMPa's grad f(y))
+    if weight_decay:
+        d = torch._foreach_add(d, params, alpha=weight_decay)
     if bufs and momentum:
-        torch._foreach_add_(d, bufs, alpha=momentum)
+        d = torch._foreach_add(d, bufs, alpha=momentum)
     torch._foreach_add_(params, d, alpha=-lr)
 
 

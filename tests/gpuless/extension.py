@@ -81,7 +81,31 @@ def cases(torch):
         p, g, b = lists(new, dtype, 3)
         fn(p, g, b, new((len(shapes),), torch.float32))
 
-    return {"grad_mix": mix, "ema_direction": ema, "per_tensor_norm": per_tensor_norms,
+    def scalar_out(out):
+        assert out.shape == () and out.dtype == torch.float32 and out.device.type == "cuda", out
+
+    def msam_sgd(fn, new, dtype):
+        p, g, v = lists(new, dtype, 3)
+        for nesterov, wd in ((False, 1e-2), (True, 0.0)):
+            scalar_out(fn(p, g, v, new((), torch.float32), 0.1, 0.9, wd, nesterov))
+
+    def msam_adamw(fn, new, dtype):
+        p, g, m, u = lists(new, dtype, 4)
+        scalar_out(fn(p, g, m, u, new((), torch.float32), 1e-3, 0.9, 0.999, 1e-8, 1e-2, 3))
+
+    def msam_shift(fn, new, dtype):
+        p, v, b = lists(new, dtype, 3)
+        for backups in (None, b):
+            fn(p, v, new((), torch.float32), backups)
+
+    def sampa(fn, new, dtype):
+        p, d, b, m = lists(new, dtype, 4)
+        for bufs in ([], m):
+            fn(p, d, b, bufs, 0.1, 0.9, 5e-4)
+
+    return {"momentum_sam_sgd": msam_sgd, "momentum_sam_adamw": msam_adamw, "momentum_sam_shift": msam_shift,
+            "sampa_extrapolate": sampa,
+            "grad_mix": mix, "ema_direction": ema, "per_tensor_norm": per_tensor_norms,
             "perturb_per_tensor": perturb_per_tensor, "grad_norm": norm, "perturb": perturb, "restore": restore, "restore_sgd_step": sgd,
             "restore_adamw_step": adamw, "sds_select": select, "sds_weights": weights}
 

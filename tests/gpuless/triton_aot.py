@@ -107,8 +107,9 @@ def specs() -> list[Spec]:
     import triton.language as tl
 
     sys.path.insert(0, str(ROOT))
-    from kernels import (_multi_tensor, ema_direction, grad_mix, grad_norm, per_tensor_norm, perturb,
-                         perturb_per_tensor, restore, restore_adamw_step, restore_sgd_step, sds_select, sds_weights)
+    from kernels import (_multi_tensor, ema_direction, grad_mix, grad_norm, momentum_sam, per_tensor_norm, perturb,
+                         perturb_per_tensor, restore, restore_adamw_step, restore_sgd_step, sampa_extrapolate,
+                         sds_select, sds_weights)
 
     dtypes = [tl.float32, tl.bfloat16, tl.float16]
     block = _multi_tensor.BLOCK
@@ -198,6 +199,31 @@ def specs() -> list[Spec]:
              lambda c: {**table_scalars, "sigma": "fp32", "lmbda": "fp32", "skip_ptr": "*fp32" if c["HAS_SKIP"] else "*i64"},
              {"DTYPE": dtypes, "HAS_SKIP": [False, True], "ALIGN": align, "BLOCK": [block]},
              aligned=("meta", "skip_ptr"), streaming=True, vector_path=True),
+        Spec("momentum_sam.momentum_sam_sgd_kernel", momentum_sam.momentum_sam_sgd_kernel,
+             lambda c: {**table_scalars, "partials": "*fp32", "s_ptr": "*fp32", "lr": "fp32", "momentum": "fp32",
+                        "weight_decay": "fp32"},
+             {"DTYPE": dtypes, "NESTEROV": [False, True], "HAS_WEIGHT_DECAY": [False, True], "ALIGN": align,
+              "BLOCK": [block]},
+             aligned=("meta", "partials", "s_ptr"), streaming=True, vector_path=True,
+             warps=lambda c: momentum_sam.NUM_WARPS),
+        Spec("momentum_sam.momentum_sam_adamw_kernel", momentum_sam.momentum_sam_adamw_kernel,
+             lambda c: {**table_scalars, "partials": "*fp32", "s_ptr": "*fp32",
+                        **dict.fromkeys(("step_size", "one_minus_beta1", "beta2", "one_minus_beta2",
+                                         "bias_correction2_sqrt", "eps", "decay"), "fp32")},
+             {"DTYPE": dtypes, "HAS_WEIGHT_DECAY": [False, True], "ALIGN": align, "BLOCK": [block]},
+             aligned=("meta", "partials", "s_ptr"), streaming=True, vector_path=True,
+             warps=lambda c: momentum_sam.NUM_WARPS),
+        Spec("momentum_sam.momentum_sam_shift_kernel", momentum_sam.momentum_sam_shift_kernel,
+             lambda c: {**table_scalars, "scale_ptr": "*fp32"},
+             {"DTYPE": dtypes, "HAS_BACKUP": [False, True], "ALIGN": align, "BLOCK": [block]},
+             derive=lambda c: {**c, "N_LISTS": 3 if c["HAS_BACKUP"] else 2}, aligned=("meta", "scale_ptr"),
+             streaming=True, vector_path=True),
+        Spec("sampa_extrapolate.sampa_extrapolate_kernel", sampa_extrapolate.sampa_extrapolate_kernel,
+             lambda c: {**table_scalars, "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32"},
+             {"DTYPE": dtypes, "HAS_MOMENTUM": [False, True], "HAS_WEIGHT_DECAY": [False, True], "ALIGN": align,
+              "BLOCK": [block]},
+             derive=lambda c: {**c, "N_LISTS": 4 if c["HAS_MOMENTUM"] else 3}, aligned=("meta",), streaming=True,
+             vector_path=True),
         Spec("sds_select.sds_select_kernel", sds_select.sds_select_kernel,
              lambda c: {"before_ptr": ptr[c["LOSS_DTYPE"]], "after_ptr": ptr[c["LOSS_DTYPE"]], "n": "i32", "k": "i32",
                         "out_ptr": "*i64"},
