@@ -14,6 +14,11 @@ import triton.language as tl
 
 from ._multi_tensor import block_size, copy_back, dense_lists, launch_table, table, tl_dtype
 
+# Eight warps (8 elements per thread in a 2048-element block): with four, fp16 with the momentum
+# buffer spilled on sm_90 and sm_80 (triton 3.7 and 3.9) at 72 registers or fewer; see
+# bench/results/gpuless_resources.csv for the counts with eight.
+NUM_WARPS = 8
+
 
 @triton.jit
 def _extrapolate_block(w_ptr, d_ptr, b_ptr, m_ptr, offs, mask, lr, momentum, weight_decay,
@@ -70,7 +75,7 @@ def sampa_extrapolate_(params, directions, backups, bufs, lr: float, momentum: f
         block = block_size(lists[0][0].device)
         launch_table(sampa_extrapolate_kernel, table(lists, block), float(lr), float(momentum), float(weight_decay),
                      DTYPE=tl_dtype(lists[0][0].dtype), N_LISTS=len(lists), HAS_MOMENTUM=has_momentum,
-                     HAS_WEIGHT_DECAY=weight_decay != 0, BLOCK=block)
+                     HAS_WEIGHT_DECAY=weight_decay != 0, BLOCK=block, num_warps=NUM_WARPS)
     copy_back(write_back)
 
 

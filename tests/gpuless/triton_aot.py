@@ -223,7 +223,7 @@ def specs() -> list[Spec]:
              {"DTYPE": dtypes, "HAS_MOMENTUM": [False, True], "HAS_WEIGHT_DECAY": [False, True], "ALIGN": align,
               "BLOCK": [block]},
              derive=lambda c: {**c, "N_LISTS": 4 if c["HAS_MOMENTUM"] else 3}, aligned=("meta",), streaming=True,
-             vector_path=True),
+             vector_path=True, warps=lambda c: sampa_extrapolate.NUM_WARPS),
         Spec("sds_select.sds_select_kernel", sds_select.sds_select_kernel,
              lambda c: {"before_ptr": ptr[c["LOSS_DTYPE"]], "after_ptr": ptr[c["LOSS_DTYPE"]], "n": "i32", "k": "i32",
                         "out_ptr": "*i64"},
