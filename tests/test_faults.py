@@ -239,6 +239,10 @@ calls = {
     "momentum_sam_adamw": lambda f, o: f(lists(good), lists(good), o, lists(good), torch.zeros(()), 0.1, 0.9,
                                          0.999, 1e-8, 0.0, 1),
     "momentum_sam_shift": lambda f, o: f(lists(good), o, torch.zeros(()), None),
+    "bsam_noise": lambda f, o: f(lists(good), o, lists(good), 10, torch.Generator()),
+    "bsam_ascent": lambda f, o: f(lists(good), o, lists(good), lists(good), lists(good), 0.1, False),
+    "bsam_step": lambda f, o: f(lists(good), o, lists(good), lists(good), lists(good), lists(good), 0.1, 0.9, 0.999,
+                                0.0, 0.1),
 }
 for op, call in calls.items():
     for backend, fn in ops.implementations(op).items():

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import is_low_precision, pack_fp32, unpack_into_
 
@@ -36,6 +36,7 @@ def bsam_ascent_(params, backups, grads, precisions, scales, rho: float, adaptiv
 
 @register("bsam_ascent", "torch")
 def bsam_ascent_torch(params, backups, grads, precisions, scales, rho, adaptive) -> None:
+    check_bucket("bsam_ascent", params, backups=backups, grads=grads, precisions=precisions, scales=scales)
     if not params:
         return
     low = is_low_precision(params[0].dtype)
@@ -53,3 +54,15 @@ def bsam_ascent_torch(params, backups, grads, precisions, scales, rho, adaptive)
     else:
         torch._foreach_copy_(params, d)
         torch._foreach_copy_(scales, h)
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("bsam_ascent", "triton")
+def bsam_ascent_triton(params, backups, grads, precisions, scales, rho, adaptive) -> None:
+    check_bucket("bsam_ascent", params, backups=backups, grads=grads, precisions=precisions, scales=scales)
+    from fastsam.kernels import bsam_ascent as kernels  # imported on first use: triton is optional
+
+    kernels.bsam_ascent_entry(params, backups, grads, precisions, scales, rho, adaptive)
