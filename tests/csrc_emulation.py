@@ -66,6 +66,11 @@ class Emulation:
         lib.fastsam_emu_per_tensor_partials_count.restype = c_int64
         lib.fastsam_emu_per_tensor_sq_norms.argtypes = [c_int, vp, i64p, c_int, c_void_p, c_void_p]
         lib.fastsam_emu_perturb_per_tensor.argtypes = [c_int, vp, i64p, c_int, c_void_p]
+        # Bayesian SAM (bSAM)
+        lib.fastsam_emu_bsam_noise.argtypes = [c_int, vp, i64p, c_int, c_void_p, c_float]
+        lib.fastsam_emu_bsam_ascent.argtypes = [c_int, vp, i64p, c_int, c_float, c_int]
+        lib.fastsam_emu_bsam_step.argtypes = [c_int, vp, i64p, c_int, c_void_p, c_float, c_float, c_float, c_float,
+                                              c_float]
 
     # ---------------------------------------------------------------- planning and Philox
 
@@ -195,6 +200,32 @@ class Emulation:
         scales = scales.to(torch.float32).contiguous()
         _check(self.lib.fastsam_emu_perturb_per_tensor(DTYPE_CODES[params[0].dtype], rows, numels, n, _ptr(scales)),
                "perturb_per_tensor_")
+
+    # ---------------------------------------------------------------- Bayesian SAM (bSAM)
+
+    def bsam_noise_(self, params, backups, precisions, noise, num_data):
+        if noise.dtype != torch.float32 or noise.dim() != 1 or noise.numel() != sum(p.numel() for p in params):
+            raise ValueError("fastsam cuda: noise must be a contiguous 1-D float32 tensor of sum(numel) elements")
+        if num_data < 1:
+            raise ValueError("fastsam cuda: num_data must be >= 1")
+        rows, numels, n = _rows(params, backups, precisions)
+        noise = noise.contiguous()
+        _check(self.lib.fastsam_emu_bsam_noise(DTYPE_CODES[params[0].dtype], rows, numels, n, _ptr(noise), num_data),
+               "bsam_noise_")
+
+    def bsam_ascent_(self, params, backups, grads, precisions, scales, rho, adaptive):
+        rows, numels, n = _rows(params, backups, grads, precisions, scales)
+        _check(self.lib.fastsam_emu_bsam_ascent(DTYPE_CODES[params[0].dtype], rows, numels, n, rho, int(adaptive)),
+               "bsam_ascent_")
+
+    def bsam_step_(self, params, backups, grads, momenta, precisions, scales, lr_tensor, lr, beta1, beta2,
+                   weight_decay, damping):
+        rows, numels, n = _rows(params, backups, grads, momenta, precisions, scales)
+        lr_tensor = _scalar(lr_tensor)
+        # 1 - beta and damping + weight_decay in double, as binding.cpp forms them
+        _check(self.lib.fastsam_emu_bsam_step(DTYPE_CODES[params[0].dtype], rows, numels, n, _ptr(lr_tensor), lr,
+                                              1.0 - beta1, 1.0 - beta2, weight_decay, damping + weight_decay),
+               "bsam_step_")
 
 
 _cached: Emulation | None = None

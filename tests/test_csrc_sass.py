@@ -79,6 +79,9 @@ CASES = [
     ("grad_mix", "GradMixBody", "Lb0", 2, 1, 3),                # reads x, y, writes x; a, b, skip
     ("grad_mix", "GradMixBody", "Lb1", 2, 2, 3),                # swap: writes both
     ("ema_direction", "EmaDirectionBody", None, 2, 2, 1),        # reads and writes g, m; skip
+    ("bsam_ascent", "BsamAscentBody", "Lb0", 3, 2, 0),           # reads backup, g, s (not w); writes w, h
+    ("bsam_ascent", "BsamAscentBody", "Lb1", 3, 2, 0),           # adaptive: the same lists
+    ("bsam_step", "BsamStepBody", None, 5, 3, 1),                # reads backup, g, m, s, h (not w); writes w, m, s; lr
 ]
 
 
@@ -91,3 +94,15 @@ def test_fused_ops_do_not_load_the_lists_they_only_write(tools, source, body, fl
         assert stores == paths * writes, dtype
         assert loads == paths * reads + scalars, (
             f"{body}{flags or ''}<{dtype}>: {loads} global loads, expected {paths} x {reads} lists + {scalars} scalars")
+
+
+def test_bsam_noise_reads_w_s_and_its_noise_writes_w_and_the_backup(tools):
+    """Two lists read on both paths, two written; the flat noise buffer is read element by element
+    (16 / sizeof(T) scalar loads: its slice of a tensor has no alignment promise), the backup never."""
+    kernels = _kernels(tools, "bsam_noise", "BsamNoiseBody")
+    for dtype, counts in kernels:
+        paths = PATHS_PER_LIST[dtype]
+        assert counts["STG"] == paths * 2 and counts["STG.128"] == 2, dtype
+        assert counts["LDG.128"] == 2, f"{dtype}: w and s on the 128-bit path"
+        assert counts["LDG"] == paths * 2 + (paths - 1), (
+            f"BsamNoiseBody<{dtype}>: {counts['LDG']} global loads, expected {paths} x 2 lists + {paths - 1} noise")

@@ -57,6 +57,26 @@ def bsam_ascent_torch(params, backups, grads, precisions, scales, rho, adaptive)
 
 
 # --------------------------------------------------------------------------------------------
+# cuda backend (csrc/bsam_ascent.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("bsam_ascent", "cuda")
+def bsam_ascent_cuda(params, backups, grads, precisions, scales, rho, adaptive) -> None:
+    if not params:
+        return
+    args = (params, backups, grads, precisions, scales, float(rho), bool(adaptive))
+    _cuda.call("bsam_ascent_", args, bsam_ascent_torch, args)
+
+
+@_cuda.fake("bsam_ascent_")
+def _bsam_ascent_fake(params, backups, grads, precisions, scales, rho, adaptive):
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # triton backend
 # --------------------------------------------------------------------------------------------
 

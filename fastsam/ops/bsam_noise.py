@@ -91,6 +91,29 @@ def apply_noise_torch(params, backups, precisions, num_data, flat: torch.Tensor)
 
 
 # --------------------------------------------------------------------------------------------
+# cuda backend (csrc/bsam_noise.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("bsam_noise", "cuda")
+def bsam_noise_cuda(params, backups, precisions, num_data, generator) -> None:
+    check_bucket("bsam_noise", params, backups=backups, precisions=precisions)  # before the draw
+    if not params:
+        return
+    flat = draw_flat(params, generator)
+    # A layout the kernel declines (not contiguous) runs the torch arithmetic on the same draw.
+    _cuda.call("bsam_noise_", (params, backups, precisions, flat, float(num_data)), apply_noise_torch,
+               (params, backups, precisions, num_data, flat))
+
+
+@_cuda.fake("bsam_noise_")
+def _bsam_noise_fake(params, backups, precisions, noise, num_data):
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # triton backend
 # --------------------------------------------------------------------------------------------
 

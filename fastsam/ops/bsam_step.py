@@ -66,6 +66,31 @@ def bsam_step_torch(params, backups, grads, momenta, precisions, scales, lr, bet
 
 
 # --------------------------------------------------------------------------------------------
+# cuda backend (csrc/bsam_step.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("bsam_step", "cuda")
+def bsam_step_cuda(params, backups, grads, momenta, precisions, scales, lr, beta1, beta2, weight_decay,
+                   damping) -> None:
+    if not params:
+        return
+    lr_tensor, lr_value = _cuda.lr_args(lr, params[0].device)
+    _cuda.call("bsam_step_", (params, backups, grads, momenta, precisions, scales, lr_tensor, lr_value, float(beta1),
+                              float(beta2), float(weight_decay), float(damping)),
+               bsam_step_torch, (params, backups, grads, momenta, precisions, scales, lr, beta1, beta2, weight_decay,
+                                 damping))
+
+
+@_cuda.fake("bsam_step_")
+def _bsam_step_fake(params, backups, grads, momenta, precisions, scales, lr_tensor, lr, beta1, beta2, weight_decay,
+                    damping):
+    return None
+
+
+# --------------------------------------------------------------------------------------------
 # triton backend
 # --------------------------------------------------------------------------------------------
 

@@ -25,9 +25,9 @@ authors' algorithm falls (tests/test_bsam.py shows both).
 The noise comes from a ``torch.Generator`` per device, seeded by ``seed`` (drawn from torch's
 global generator when None); its state is in ``state_dict()["fastsam"]["generators"]``, so a
 resumed run continues bit for bit. Ops: :func:`fastsam.ops.bsam_noise_`, :func:`fastsam.ops.bsam_ascent_`,
-:func:`fastsam.ops.bsam_step_` (torch and Triton backends; on Triton one fused launch each per
-bucket, after the noise's one ``torch.randn``), a constant number of kernels per (device, dtype)
-bucket. No host synchronisation.
+:func:`fastsam.ops.bsam_step_` (torch, Triton and CUDA backends; on Triton and CUDA one fused launch
+each per bucket, after the noise's one ``torch.randn``, so every backend draws the same sample), a
+constant number of kernels per (device, dtype) bucket. No host synchronisation.
 """
 
 from __future__ import annotations

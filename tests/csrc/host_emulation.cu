@@ -20,6 +20,10 @@
 // layer-wise perturbation (AWP / WT-AWP / HERO)
 #include "per_tensor_norm.cu"
 #include "perturb_per_tensor.cu"
+// Bayesian SAM (bSAM)
+#include "bsam_ascent.cu"
+#include "bsam_noise.cu"
+#include "bsam_step.cu"
 
 using namespace fastsam::cuda;
 
@@ -182,6 +186,23 @@ int fastsam_emu_per_tensor_sq_norms(int dtype, void* const* rows, const int64_t*
 
 int fastsam_emu_perturb_per_tensor(int dtype, void* const* rows, const int64_t* numels, int n, const float* scales) {
   return launch_perturb_per_tensor(HostExec{}, static_cast<DType>(dtype), rows, numels, n, scales);
+}
+
+// ---- Bayesian SAM (bSAM) ----
+
+int fastsam_emu_bsam_noise(int dtype, void* const* rows, const int64_t* numels, int n, const float* noise,
+                           float num_data) {
+  return launch_bsam_noise(HostExec{}, static_cast<DType>(dtype), rows, numels, n, noise, num_data);
+}
+
+int fastsam_emu_bsam_ascent(int dtype, void* const* rows, const int64_t* numels, int n, float rho, int adaptive) {
+  return launch_bsam_ascent(HostExec{}, static_cast<DType>(dtype), rows, numels, n, rho, adaptive != 0);
+}
+
+int fastsam_emu_bsam_step(int dtype, void* const* rows, const int64_t* numels, int n, const float* lr_ptr, float lr,
+                          float one_minus_beta1, float one_minus_beta2, float weight_decay, float s_shift) {
+  const BsamStepConfig config{lr_ptr, lr, one_minus_beta1, one_minus_beta2, weight_decay, s_shift};
+  return launch_bsam_step(HostExec{}, static_cast<DType>(dtype), rows, numels, n, config);
 }
 
 }  // extern "C"
