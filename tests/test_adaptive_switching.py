@@ -4,7 +4,6 @@ resume, host syncs (AE-SAM: exactly one per step; RST: none), ops per step, bad 
 import copy
 import io
 import math
-from collections import Counter
 
 import pytest
 import torch
@@ -12,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastsam
-from helpers import host_sync_watch
+from helpers import host_sync_watch, op_counter
 from test_sam import ADAMW_KW, SGD_KW, assert_models_equal, batches, make_model, param_groups
-from variant_reference import ReferenceVariant, run_fastsam
+from variant_reference import ReferenceVariant
 
 STEPS = 30
 GROUPS = [dict(rho=0.05), dict(rho=0.1)]
@@ -378,17 +377,6 @@ def test_closure_raising_on_a_sam_step_restores_the_weights(kind):
 
 @pytest.mark.parametrize("kind", ["aesam", "rst"])
 def test_constant_number_of_ops_whatever_the_number_of_tensors(kind):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
     def count(n):
         gen = torch.Generator().manual_seed(0)
         params = [nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(n)]
@@ -404,11 +392,11 @@ def test_constant_number_of_ops_whatever_the_number_of_tensors(kind):
             fill()
             opt.second_step()
         fill()
-        with CountOps() as c:
+        with op_counter() as c:
             assert opt.needs_second_pass
             opt.first_step()
         fill()
-        with CountOps() as c2:
+        with op_counter() as c2:
             opt.second_step()
         return c.ops + c2.ops
 

@@ -1,13 +1,12 @@
 """WSAM: fp64 reference from the paper, pytorch-optimizer 4.1's WSAM, resume, backends, errors, faults."""
 
-from collections import Counter
 
 import pytest
 import torch
 import torch.nn as nn
 
 import fastsam
-from helpers import backends_for, host_sync_watch
+from helpers import backends_for, host_sync_watch, op_counter
 from sam_family_reference import (assert_models_close, assert_models_equal, batches, loss_of, make_mlp,
                                   reference_wsam, run, sam_step)
 
@@ -158,17 +157,6 @@ def test_wsam_no_host_sync_in_a_step():
 
 
 def _count_ops(opt_cls, n_tensors, **kw):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
     gen = torch.Generator().manual_seed(0)
     params = [nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(n_tensors)]
     opt = opt_cls(params, torch.optim.SGD, lr=0.1, momentum=0.9, **kw)
@@ -183,10 +171,10 @@ def _count_ops(opt_cls, n_tensors, **kw):
         fill()
         opt.second_step()
     fill()
-    with CountOps() as first:
+    with op_counter() as first:
         opt.first_step()
     fill()
-    with CountOps() as second:
+    with op_counter() as second:
         opt.second_step()
     return first.ops, second.ops
 
