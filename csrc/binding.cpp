@@ -413,6 +413,65 @@ void perturb_per_tensor_cuda(at::TensorList params, at::TensorList grads, at::Te
                                     stream_on(rows.device())));
 }
 
+// ---- Bayesian SAM (bSAM): bsam_noise.cu, bsam_ascent.cu, bsam_step.cu ----
+
+void bsam_noise_cuda(at::TensorList params, at::TensorList backups, at::TensorList precisions, const at::Tensor& noise,
+                     double num_data) {
+  TensorRows rows(params, "params");
+  rows.add(backups, "backups", params);
+  rows.add(precisions, "precisions", params);
+  int64_t total = 0;
+  for (size_t t = 0; t < params.size(); ++t) {
+    // The noise is numbered in row-major order; the kernels walk storage order.
+    TORCH_CHECK_NOT_IMPLEMENTED(params[t].is_contiguous() && backups[t].is_contiguous() &&
+                                    precisions[t].is_contiguous(),
+                                kFallbackTag, " fastsam cuda: bsam_noise_ needs contiguous tensors; params[", t,
+                                "] (or its backup or precision) is not");
+    total += params[t].numel();
+  }
+  TORCH_CHECK_VALUE(noise.scalar_type() == at::kFloat && noise.dim() == 1 && noise.numel() == total &&
+                        noise.is_contiguous(),
+                    "fastsam cuda: noise must be a contiguous 1-D float32 tensor of ", total, " elements, got ",
+                    noise.scalar_type(), " of shape ", noise.sizes());
+  TORCH_CHECK_VALUE(noise.device() == rows.device(), "fastsam cuda: noise is on ", noise.device(), ", expected ",
+                    rows.device());
+  TORCH_CHECK_VALUE(num_data >= 1.0, "fastsam cuda: num_data must be >= 1, got ", num_data);
+  c10::cuda::CUDAGuard guard(rows.device());
+  C10_CUDA_CHECK(bsam_noise(rows.dtype(), rows.rows(), rows.numels(), rows.size(), noise.data_ptr<float>(),
+                            static_cast<float>(num_data), stream_on(rows.device())));
+}
+
+void bsam_ascent_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads, at::TensorList precisions,
+                      at::TensorList scales, double rho, bool adaptive) {
+  TensorRows rows(params, "params");
+  rows.add(backups, "backups", params);
+  rows.add(grads, "grads", params);
+  rows.add(precisions, "precisions", params);
+  rows.add(scales, "scales", params);
+  c10::cuda::CUDAGuard guard(rows.device());
+  C10_CUDA_CHECK(bsam_ascent(rows.dtype(), rows.rows(), rows.numels(), rows.size(), static_cast<float>(rho), adaptive,
+                             stream_on(rows.device())));
+}
+
+void bsam_step_cuda(at::TensorList params, at::TensorList backups, at::TensorList grads, at::TensorList momenta,
+                    at::TensorList precisions, at::TensorList scales, const c10::optional<at::Tensor>& lr_tensor,
+                    double lr, double beta1, double beta2, double weight_decay, double damping) {
+  TensorRows rows(params, "params");
+  rows.add(backups, "backups", params);
+  rows.add(grads, "grads", params);
+  rows.add(momenta, "momenta", params);
+  rows.add(precisions, "precisions", params);
+  rows.add(scales, "scales", params);
+  c10::cuda::CUDAGuard guard(rows.device());
+  at::Tensor lr32;
+  if (lr_tensor.has_value()) lr32 = device_scalar(*lr_tensor, rows.device(), "lr");
+  // 1 - beta and damping + weight_decay formed in double, as the torch backend's Python scalars.
+  const BsamStepConfig config{lr32.defined() ? lr32.data_ptr<float>() : nullptr, static_cast<float>(lr),
+                              static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+                              static_cast<float>(weight_decay), static_cast<float>(damping + weight_decay)};
+  C10_CUDA_CHECK(bsam_step(rows.dtype(), rows.rows(), rows.numels(), rows.size(), config, stream_on(rows.device())));
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fastsam
@@ -438,6 +497,10 @@ TORCH_LIBRARY(fastsam_cuda, m) {
   m.def("momentum_sam_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor s_old, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> Tensor");
   m.def("momentum_sam_shift_(Tensor(a!)[] params, Tensor[] bufs, Tensor scale, Tensor(b!)[] backups) -> ()");
   m.def("sampa_extrapolate_(Tensor(a!)[] params, Tensor[] directions, Tensor(b!)[] backups, Tensor[] bufs, float lr, float momentum, float weight_decay) -> ()");
+  // Bayesian SAM (bSAM)
+  m.def("bsam_noise_(Tensor(a!)[] params, Tensor(b!)[] backups, Tensor[] precisions, Tensor noise, float num_data) -> ()");
+  m.def("bsam_ascent_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor[] precisions, Tensor(b!)[] scales, float rho, bool adaptive) -> ()");
+  m.def("bsam_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] momenta, Tensor(c!)[] precisions, Tensor[] scales, Tensor? lr_tensor, float lr, float beta1, float beta2, float weight_decay, float damping) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsam_cuda, CUDA, m) {
@@ -458,6 +521,10 @@ TORCH_LIBRARY_IMPL(fastsam_cuda, CUDA, m) {
   m.impl("momentum_sam_adamw_", &fastsam::cuda::momentum_sam_adamw_cuda);
   m.impl("momentum_sam_shift_", &fastsam::cuda::momentum_sam_shift_cuda);
   m.impl("sampa_extrapolate_", &fastsam::cuda::sampa_extrapolate_cuda);
+  // Bayesian SAM (bSAM)
+  m.impl("bsam_noise_", &fastsam::cuda::bsam_noise_cuda);
+  m.impl("bsam_ascent_", &fastsam::cuda::bsam_ascent_cuda);
+  m.impl("bsam_step_", &fastsam::cuda::bsam_step_cuda);
 }
 
 // The Python module fastsam._C (or the JIT build's module) itself is empty: importing it runs the

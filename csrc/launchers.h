@@ -22,7 +22,7 @@ enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 enum class NormMode : int32_t { kPlain = 0, kAdaptive = 1, kFisher = 2 };
 
 // Bumped whenever a signature or schema changes, so a stale build is detected at load time.
-constexpr int64_t kAbiVersion = 3;
+constexpr int64_t kAbiVersion = 4;
 
 // sds_select ranks a batch in one launch up to this size (O(B^2 / #threads) comparisons).
 constexpr int64_t kMaxSdsSelectBatch = 65536;
@@ -178,6 +178,32 @@ cudaError_t per_tensor_sq_norms(DType dtype, void* const* rows, const int64_t* n
 // scales[t] is non-finite, w += scales[t] * g (scales: fp32 device vector, one entry per tensor).
 cudaError_t perturb_per_tensor(DType dtype, void* const* rows, const int64_t* numels, int n, const float* scales,
                                cudaStream_t stream);
+
+// ---- Bayesian SAM (bSAM) -------------------------------------------------------------------------
+
+// bsam_noise: rows [params, backups, precisions], contiguous. backup = w; w += n_i / sqrt(num_data * s),
+// where n_i = noise[i] and i is the element's position in the bucket (tensor by tensor, row-major):
+// `noise` is the bucket's flat fp32 draw of standard normals (device memory, sum(numels) values).
+cudaError_t bsam_noise(DType dtype, void* const* rows, const int64_t* numels, int n, const float* noise,
+                       float num_data, cudaStream_t stream);
+
+// bsam_ascent: rows [params, backups, grads, precisions, scales]. w = backup + rho d / s with d = g, or
+// backup^2 g when adaptive; scales h = sqrt(s) |g|.
+cudaError_t bsam_ascent(DType dtype, void* const* rows, const int64_t* numels, int n, float rho, bool adaptive,
+                        cudaStream_t stream);
+
+// bsam_step: rows [params, backups, grads, momenta, precisions, scales]. From w = backup:
+// m += (1 - beta1) (g + weight_decay w - m); w -= lr m / s; s += (1 - beta2) (h + s_shift - s).
+struct BsamStepConfig {
+  const float* lr_ptr;  // read instead of lr when not null
+  float lr;
+  float one_minus_beta1;
+  float one_minus_beta2;
+  float weight_decay;
+  float s_shift;  // damping + weight_decay
+};
+cudaError_t bsam_step(DType dtype, void* const* rows, const int64_t* numels, int n, const BsamStepConfig& config,
+                      cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastsam

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 # Must equal kAbiVersion in csrc/launchers.h: a build from other sources is refused, not half-used.
-ABI_VERSION = 3
+ABI_VERSION = 4
 JIT_ENV = "FASTSAM_CUDA_JIT"
 JIT_NAME = "fastsam_cuda_jit"
 

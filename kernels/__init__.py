@@ -19,3 +19,4 @@ from . import (ema_direction, grad_mix, grad_norm, perturb, restore, restore_ada
                restore_sgd_step, sds_select, sds_weights)
 from . import per_tensor_norm, perturb_per_tensor  # noqa: E402,F401  (layer-wise perturbation: AWP, HERO)
 from . import momentum_sam, sampa_extrapolate  # noqa: E402,F401  (Momentum-SAM, SAMPa)
+from . import bsam_ascent, bsam_noise, bsam_step  # noqa: E402,F401  (Bayesian SAM)

@@ -73,6 +73,11 @@ class Emulation:
                                                        c_double, c_float, c_double, c_int64, c_void_p, c_void_p]
         lib.fastsam_emu_momentum_sam_shift.argtypes = [c_int, vp, i64p, c_int, c_int, c_void_p]
         lib.fastsam_emu_sampa_extrapolate.argtypes = [c_int, vp, i64p, c_int, c_float, c_int, c_float, c_float]
+        # Bayesian SAM (bSAM)
+        lib.fastsam_emu_bsam_noise.argtypes = [c_int, vp, i64p, c_int, c_void_p, c_float]
+        lib.fastsam_emu_bsam_ascent.argtypes = [c_int, vp, i64p, c_int, c_float, c_int]
+        lib.fastsam_emu_bsam_step.argtypes = [c_int, vp, i64p, c_int, c_void_p, c_float, c_float, c_float, c_float,
+                                              c_float]
 
     # ---------------------------------------------------------------- planning and Philox
 
@@ -240,6 +245,32 @@ class Emulation:
         _check(self.lib.fastsam_emu_sampa_extrapolate(DTYPE_CODES[params[0].dtype], rows, numels, n, lr,
                                                       int(has_momentum), momentum, weight_decay),
                "sampa_extrapolate_")
+
+    # ---------------------------------------------------------------- Bayesian SAM (bSAM)
+
+    def bsam_noise_(self, params, backups, precisions, noise, num_data):
+        if noise.dtype != torch.float32 or noise.dim() != 1 or noise.numel() != sum(p.numel() for p in params):
+            raise ValueError("fastsam cuda: noise must be a contiguous 1-D float32 tensor of sum(numel) elements")
+        if num_data < 1:
+            raise ValueError("fastsam cuda: num_data must be >= 1")
+        rows, numels, n = _rows(params, backups, precisions)
+        noise = noise.contiguous()
+        _check(self.lib.fastsam_emu_bsam_noise(DTYPE_CODES[params[0].dtype], rows, numels, n, _ptr(noise), num_data),
+               "bsam_noise_")
+
+    def bsam_ascent_(self, params, backups, grads, precisions, scales, rho, adaptive):
+        rows, numels, n = _rows(params, backups, grads, precisions, scales)
+        _check(self.lib.fastsam_emu_bsam_ascent(DTYPE_CODES[params[0].dtype], rows, numels, n, rho, int(adaptive)),
+               "bsam_ascent_")
+
+    def bsam_step_(self, params, backups, grads, momenta, precisions, scales, lr_tensor, lr, beta1, beta2,
+                   weight_decay, damping):
+        rows, numels, n = _rows(params, backups, grads, momenta, precisions, scales)
+        lr_tensor = _scalar(lr_tensor)
+        # 1 - beta and damping + weight_decay in double, as binding.cpp forms them
+        _check(self.lib.fastsam_emu_bsam_step(DTYPE_CODES[params[0].dtype], rows, numels, n, _ptr(lr_tensor), lr,
+                                              1.0 - beta1, 1.0 - beta2, weight_decay, damping + weight_decay),
+               "bsam_step_")
 
 
 _cached: Emulation | None = None

@@ -84,3 +84,28 @@ def host_sync_watch():
             return func(*args, **(kwargs or {}))
 
     return HostSyncWatch()
+
+
+def op_counter(skip_views: bool = False):
+    """A dispatch mode counting the ops dispatched inside it, by name, in ``.ops`` (a ``Counter``).
+
+    ``skip_views`` leaves out view ops (they launch no kernel). Setting ``.paused = True`` stops the
+    count (for work that is not the optimizer's, such as a closure's forward and backward).
+    The tests that dispatched ops per step do not grow with the number of tensors use it.
+    """
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+            self.paused = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not self.paused and not (skip_views and func.is_view):
+                self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    return OpCounter()

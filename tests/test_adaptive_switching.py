@@ -4,7 +4,6 @@ resume, host syncs (AE-SAM: exactly one per step; RST: none), ops per step, bad 
 import copy
 import io
 import math
-from collections import Counter
 
 import pytest
 import torch
@@ -12,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastsam
-from helpers import host_sync_watch
+from helpers import host_sync_watch, op_counter
 from test_sam import ADAMW_KW, SGD_KW, assert_models_equal, batches, make_model, param_groups
-from variant_reference import ReferenceVariant, run_fastsam
+from variant_reference import ReferenceVariant
 
 STEPS = 30
 GROUPS = [dict(rho=0.05), dict(rho=0.1)]
@@ -174,11 +173,8 @@ def test_aesam_loop_forms_agree_bit_for_bit():
     assert_models_equal(closure, skip)
 
 
-@pytest.mark.parametrize("lam,expect", [(-1e9, "sam"), (1e9, "base")])
-def test_aesam_extreme_thresholds_are_sam_or_the_base_optimizer(lam, expect):
-    data = batches(8)
-    model, _, pattern = run64(lambda g: fastsam.AESAM(g, torch.optim.SGD, total_steps=8, lambda1=lam, lambda2=lam,
-                                                      **SGD_KW), data)
+def assert_is_sam_or_the_base_optimizer(model, pattern, data, expect):
+    """A switching run whose every step was SAM (``expect="sam"``) or none was equals SAM or plain SGD."""
     if expect == "sam":
         other, _, _ = run64(lambda g: fastsam.SAM(g, torch.optim.SGD, **SGD_KW), data)
         assert all(pattern)
@@ -191,6 +187,14 @@ def test_aesam_extreme_thresholds_are_sam_or_the_base_optimizer(lam, expect):
             sgd.zero_grad()
         assert not any(pattern)
     assert_close64(model, other)
+
+
+@pytest.mark.parametrize("lam,expect", [(-1e9, "sam"), (1e9, "base")])
+def test_aesam_extreme_thresholds_are_sam_or_the_base_optimizer(lam, expect):
+    data = batches(8)
+    model, _, pattern = run64(lambda g: fastsam.AESAM(g, torch.optim.SGD, total_steps=8, lambda1=lam, lambda2=lam,
+                                                      **SGD_KW), data)
+    assert_is_sam_or_the_base_optimizer(model, pattern, data, expect)
 
 
 def test_aesam_makes_exactly_one_host_sync_per_step():
@@ -320,18 +324,7 @@ def test_rst_extreme_probabilities_are_sam_or_the_base_optimizer(p, expect):
     data = batches(6)
     model, _, pattern = run64(lambda g: fastsam.RandomSwitchSAM(g, torch.optim.SGD, probability=p, seed=0, **SGD_KW),
                               data)
-    if expect == "sam":
-        other, _, _ = run64(lambda g: fastsam.SAM(g, torch.optim.SGD, **SGD_KW), data)
-        assert all(pattern)
-    else:
-        other = make_model().double()
-        sgd = torch.optim.SGD(groups_fn(other), **SGD_KW)
-        for x, y in data:
-            F.cross_entropy(other(x.double()), y).backward()
-            sgd.step()
-            sgd.zero_grad()
-        assert not any(pattern)
-    assert_close64(model, other)
+    assert_is_sam_or_the_base_optimizer(model, pattern, data, expect)
 
 
 def test_rst_rejects_bad_input():
@@ -378,17 +371,6 @@ def test_closure_raising_on_a_sam_step_restores_the_weights(kind):
 
 @pytest.mark.parametrize("kind", ["aesam", "rst"])
 def test_constant_number_of_ops_whatever_the_number_of_tensors(kind):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
     def count(n):
         gen = torch.Generator().manual_seed(0)
         params = [nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(n)]
@@ -404,11 +386,11 @@ def test_constant_number_of_ops_whatever_the_number_of_tensors(kind):
             fill()
             opt.second_step()
         fill()
-        with CountOps() as c:
+        with op_counter() as c:
             assert opt.needs_second_pass
             opt.first_step()
         fill()
-        with CountOps() as c2:
+        with op_counter() as c2:
             opt.second_step()
         return c.ops + c2.ops
 

@@ -11,8 +11,6 @@
 
 import copy
 import io
-import math
-from collections import Counter
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ import torch.nn.functional as F
 
 import fastsam
 from fastsam import ops
-from helpers import host_sync_watch
+from helpers import host_sync_watch, op_counter
 
 STEPS = 30
 
@@ -318,18 +316,6 @@ def test_no_host_sync_in_a_step():
 def test_dispatched_ops_do_not_grow_with_the_number_of_tensors():
     """Work-doing ops per step (views, which launch nothing, left out: the torch backend packs
     buckets through one view per tensor) are the same for 8 and for 200 tensors."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
     def count(n, cls, kw):
         gen = torch.Generator().manual_seed(0)
         params = [nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(n)]
@@ -345,10 +331,10 @@ def test_dispatched_ops_do_not_grow_with_the_number_of_tensors():
             fill()
             opt.second_step()
         fill()
-        with CountOps() as first:
+        with op_counter(skip_views=True) as first:
             opt.first_step()
         fill()
-        with CountOps() as second:
+        with op_counter(skip_views=True) as second:
             opt.second_step()
         return first.ops, second.ops
 

@@ -3,14 +3,13 @@ generator, the three-call form, errors, faults; and pytorch-optimizer 4.1's BSAM
 
 import copy
 import io
-from collections import Counter
 
 import pytest
 import torch
 import torch.nn as nn
 
 import fastsam
-from helpers import host_sync_watch
+from helpers import host_sync_watch, op_counter
 from sam_family_reference import assert_models_close, assert_models_equal, batches, loss_of, make_mlp, reference_bsam
 
 HP = dict(lr=0.05, betas=(0.9, 0.999), weight_decay=1e-3, rho=0.05, damping=0.1)
@@ -138,8 +137,6 @@ def test_bsam_call_order_errors_and_faults_restore_the_weights():
 
 
 def test_bsam_no_host_sync_and_launching_ops_independent_of_tensor_count():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     watch = host_sync_watch()
     model = make_mlp()
     opt = fastsam.BSAM(model.parameters(), NUM_DATA, **HP)
@@ -154,16 +151,6 @@ def test_bsam_no_host_sync_and_launching_ops_independent_of_tensor_count():
         with watch:
             opt.third_step(zero_grad=True)
     assert watch.seen == []
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket not in (torch.ops.aten.view, torch.ops.aten.split_with_sizes):
-                self.ops[str(func)] += 1  # views launch no kernels (the noise's per-tensor views)
-            return func(*args, **(kwargs or {}))
 
     def count(n):
         gen = torch.Generator().manual_seed(0)
@@ -180,7 +167,7 @@ def test_bsam_no_host_sync_and_launching_ops_independent_of_tensor_count():
             o.second_step()
             fill()
             o.third_step()
-        with CountOps() as c:
+        with op_counter(skip_views=True) as c:  # views launch no kernels (the noise's per-tensor views)
             o.first_step()
             fill()
             o.second_step()

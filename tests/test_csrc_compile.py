@@ -16,7 +16,8 @@ from nvcc_tools import (CHECK_ARCHS, CSRC, binding_syntax_check, compile_all, cu
 OPS_WITH_KERNELS = {"grad_norm", "perturb", "restore", "restore_sgd_step", "restore_adamw_step", "sds_select",
                     "sds_weights", "grad_mix", "ema_direction",
                     "per_tensor_norm", "perturb_per_tensor",  # layer-wise perturbation (AWP, HERO)
-                    "momentum_sam", "sampa_extrapolate"}  # Momentum-SAM, SAMPa
+                    "momentum_sam", "sampa_extrapolate",  # Momentum-SAM, SAMPa
+                    "bsam_noise", "bsam_ascent", "bsam_step"}  # Bayesian SAM
 
 
 def _nvcc_or_skip() -> str:

@@ -488,3 +488,66 @@ def test_sampa_extrapolate(emu, dtype, with_bufs):
             assert torch.equal(b, o)
             assert_close_dtype(a, reference_extrapolate(o, d[i], bufs[i] if bufs else None, 0.1, 0.9, 5e-4), dtype,
                                factor=2)
+
+
+# ---------------------------------------------------------------------------------- Bayesian SAM (bSAM)
+
+
+def _positive(shapes, dtype, gen):
+    return [(0.5 + torch.rand(s, generator=gen)).to(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bsam_noise(emu, dtype):
+    """Element i of the bucket reads noise[i] (tensor by tensor), whatever the launch and chunk split."""
+    gen = torch.Generator().manual_seed(hash((str(dtype), "bsam_noise")) % 2 ** 31)
+    sets = shape_sets(gen) + [[(3 * emu.chunk_size + 5,), (7,)] + [(2, 3)] * (emu.max_tensors(3) + 2)]
+    for shapes, how in zip(sets, ("mixed", "aligned", "misaligned", "mixed", "mixed")):
+        params = layouts(randn_list(shapes, dtype, "cpu", gen), how)
+        s = _positive(shapes, dtype, gen)
+        backups = [torch.empty_like(p) for p in params]
+        noise = torch.randn(sum(p.numel() for p in params), generator=gen)
+        w0 = [p.clone() for p in params]
+        emu.bsam_noise_(params, backups, s, noise, 300.0)
+        start = 0
+        for p, b, w, si in zip(params, backups, w0, s):
+            n = noise[start:start + p.numel()].view(p.shape).double()
+            start += p.numel()
+            assert torch.equal(b, w)
+            assert_close_dtype(p, w.double() + n / torch.sqrt(300.0 * si.double()), dtype, factor=2)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bsam_ascent(emu, dtype, adaptive):
+    gen = torch.Generator().manual_seed(hash((str(dtype), adaptive, "bsam_ascent")) % 2 ** 31)
+    for shapes, how in zip(shape_sets(gen), ("mixed", "aligned", "misaligned", "mixed")):
+        params = layouts(randn_list(shapes, dtype, "cpu", gen), how)
+        backups, grads = randn_list(shapes, dtype, "cpu", gen), randn_list(shapes, dtype, "cpu", gen)
+        s = _positive(shapes, dtype, gen)
+        h = layouts([torch.empty_like(p) for p in backups], how)
+        emu.bsam_ascent_(params, backups, grads, s, h, 0.3, adaptive)
+        for p, hi, w, g, si in zip(params, h, backups, grads, s):
+            w64, g64, s64 = w.double(), g.double(), si.double()
+            d = w64 * w64 * g64 if adaptive else g64
+            assert_close_dtype(p, w64 + 0.3 * d / s64, dtype, factor=2)
+            assert_close_dtype(hi, torch.sqrt(s64) * g64.abs(), dtype, factor=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bsam_step(emu, dtype):
+    gen = torch.Generator().manual_seed(hash((str(dtype), "bsam_step")) % 2 ** 31)
+    for (shapes, how), lr in zip(zip(shape_sets(gen), ("mixed", "aligned", "misaligned", "mixed")),
+                                 (0.1, torch.tensor(0.1), 0.1, torch.tensor(0.1, dtype=torch.float64))):
+        params = layouts(randn_list(shapes, dtype, "cpu", gen), how)
+        backups, grads, m = (randn_list(shapes, dtype, "cpu", gen) for _ in range(3))
+        s, h = _positive(shapes, dtype, gen), _positive(shapes, dtype, gen)
+        m0, s0 = [x.clone() for x in m], [x.clone() for x in s]
+        lr_tensor, lr_value = (lr, 0.0) if isinstance(lr, torch.Tensor) else (None, lr)
+        emu.bsam_step_(params, backups, grads, m, s, h, lr_tensor, lr_value, 0.9, 0.99, 1e-2, 0.1)
+        for p, mi, si, w, g, mo, so, hi in zip(params, m, s, backups, grads, m0, s0, h):
+            w64, g64, m64, s64, h64 = (x.double() for x in (w, g, mo, so, hi))
+            m_ref = 0.9 * m64 + 0.1 * (g64 + 1e-2 * w64)
+            assert_close_dtype(mi, m_ref, dtype, factor=4)
+            assert_close_dtype(p, w64 - 0.1 * m_ref / s64, dtype, factor=4)
+            assert_close_dtype(si, 0.99 * s64 + 0.01 * (h64 + 0.1 + 1e-2), dtype, factor=4)

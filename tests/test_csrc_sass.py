@@ -83,6 +83,9 @@ CASES = [
     ("momentum_sam", "MomentumSamShiftBody", "Lb1", 2, 2, 1),    # + writes the backup (not read)
     ("sampa_extrapolate", "SampaExtrapolateBody", "Lb0", 2, 2, 0),  # reads w, d; writes w, backup
     ("sampa_extrapolate", "SampaExtrapolateBody", "Lb1", 3, 2, 0),  # + reads the momentum buffer
+    ("bsam_ascent", "BsamAscentBody", "Lb0", 3, 2, 0),           # reads backup, g, s (not w); writes w, h
+    ("bsam_ascent", "BsamAscentBody", "Lb1", 3, 2, 0),           # adaptive: the same lists
+    ("bsam_step", "BsamStepBody", None, 5, 3, 1),                # reads backup, g, m, s, h (not w); writes w, m, s; lr
 ]
 
 
@@ -115,3 +118,15 @@ def test_fused_reducing_steps_touch_each_list_once_and_store_one_partial(tools, 
         assert counts["STG"] == paths * writes + 1, f"{body}<{dtype}>: {counts['STG']} global stores"
         assert counts["LDG"] == paths * reads + scalars, (
             f"{body}<{dtype}>: {counts['LDG']} global loads, expected {paths} x {reads} lists + {scalars} scalars")
+
+
+def test_bsam_noise_reads_w_s_and_its_noise_writes_w_and_the_backup(tools):
+    """Two lists read on both paths, two written; the flat noise buffer is read element by element
+    (16 / sizeof(T) scalar loads: its slice of a tensor has no alignment promise), the backup never."""
+    kernels = _kernels(tools, "bsam_noise", "BsamNoiseBody")
+    for dtype, counts in kernels:
+        paths = PATHS_PER_LIST[dtype]
+        assert counts["STG"] == paths * 2 and counts["STG.128"] == 2, dtype
+        assert counts["LDG.128"] == 2, f"{dtype}: w and s on the 128-bit path"
+        assert counts["LDG"] == paths * 2 + (paths - 1), (
+            f"BsamNoiseBody<{dtype}>: {counts['LDG']} global loads, expected {paths} x 2 lists + {paths - 1} noise")

@@ -53,12 +53,13 @@ def _layout_ok(lists) -> bool:
                for lst in lists for x, r in zip(lst, ref))
 
 
-def _layout_guard(fn, *, list_args, swp=False):
-    """Mirror binding.cpp's layout checks, then run the emulation."""
+def _layout_guard(fn, *, list_args, swp=False, row_major=False):
+    """Mirror binding.cpp's layout checks, then run the emulation (``row_major``: contiguous only)."""
 
     def impl(*args):
         lists = [args[i] for i in list_args if args[i]]
-        if not _layout_ok(lists) or (swp and args[8] < 1 and not all(p.is_contiguous() for p in args[0])):
+        if not _layout_ok(lists) or (swp and args[8] < 1 and not all(p.is_contiguous() for p in args[0])) or (
+                row_major and not all(x.is_contiguous() for lst in lists for x in lst)):
             raise NotImplementedError(f"{_cuda_common.FALLBACK_TAG} layout the kernels do not take")
         return fn(*args)
 
@@ -94,6 +95,10 @@ def fake_extension():
             "momentum_sam_adamw_": _layout_guard(emu.momentum_sam_adamw_, list_args=(0, 1, 2, 3)),
             "momentum_sam_shift_": _layout_guard(emu.momentum_sam_shift_, list_args=(0, 1, 3)),
             "sampa_extrapolate_": _layout_guard(emu.sampa_extrapolate_, list_args=(0, 1, 2, 3)),
+            # Bayesian SAM (bSAM)
+            "bsam_noise_": _layout_guard(emu.bsam_noise_, list_args=(0, 1, 2), row_major=True),
+            "bsam_ascent_": _layout_guard(emu.bsam_ascent_, list_args=(0, 1, 2, 3, 4)),
+            "bsam_step_": _layout_guard(emu.bsam_step_, list_args=(0, 1, 2, 3, 4, 5)),
         }
         for name, schema in binding_schemas().items():
             if compiled:
@@ -112,7 +117,8 @@ def test_binding_defines_every_op():
                                       "restore_adamw_step_", "sds_select", "sds_weights", "grad_mix_",
                                       "ema_direction_", "per_tensor_sq_norms", "perturb_per_tensor_",
                                       "momentum_sam_sgd_", "momentum_sam_adamw_", "momentum_sam_shift_",
-                                      "sampa_extrapolate_"}
+                                      "sampa_extrapolate_",
+                                      "bsam_noise_", "bsam_ascent_", "bsam_step_"}
     names = {name for name, _ in _cuda_common._fakes}
     assert names == set(binding_schemas()) - {"abi_version"}, "every op needs a fake implementation"
 
@@ -223,6 +229,9 @@ def _opcheck_cases():
         "momentum_sam_adamw_": (p, g, m, v, torch.tensor(0.1), 1e-3, 0.9, 0.999, 1e-8, 1e-2, 3),
         "momentum_sam_shift_": (p, m, torch.tensor(-0.2), b),
         "sampa_extrapolate_": (p, g, b, m, 0.1, 0.9, 5e-4),
+        "bsam_noise_": (p, b, [x.abs() + 0.5 for x in v], torch.randn(257 + 15, generator=gen), 1000.0),
+        "bsam_ascent_": (p, b, g, [x.abs() + 0.5 for x in v], m, 0.05, True),
+        "bsam_step_": (p, b, g, m, [x.abs() + 0.5 for x in v], vm, torch.tensor(0.1), 0.0, 0.9, 0.999, 1e-4, 0.1),
     }
 
 
@@ -342,3 +351,50 @@ def test_momentum_sam_layouts_the_kernels_decline_fall_back_to_torch(fake_extens
     assert torch.equal(w, ref_w) and torch.equal(v, ref_v) and torch.equal(sq, ref_sq)
     with pytest.raises(NotImplementedError, match="fallback"):
         _cuda_common.op("momentum_sam_sgd_")([w], [g], [v], torch.tensor(0.1), 0.1, 0.9, 0.0, False)
+
+
+# ---- Bayesian SAM (bSAM) --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bsam_backend_functions_through_the_schemas(fake_extension, dtype):
+    """The cuda backends of bsam_noise_ / bsam_ascent_ / bsam_step_ against the torch backend, the noise
+    drawn from the same generator state (and a transposed weight: the noise kernel declines, the torch
+    arithmetic serves on the same draw)."""
+    from fastsam.ops.bsam_ascent import bsam_ascent_cuda
+    from fastsam.ops.bsam_noise import bsam_noise_cuda
+    from fastsam.ops.bsam_step import bsam_step_cuda
+
+    gen = torch.Generator().manual_seed(4)
+    for shapes in (SHAPES, [(40, 30), (7,)]):
+        w, = _lists(shapes, dtype, gen, 1)
+        if shapes[0] == (40, 30):
+            w[0] = w[0].t()  # not contiguous: falls back
+        s = [(0.5 + torch.rand(x.shape, generator=gen)).to(dtype) for x in w]
+        w1, w2 = [x.clone() for x in w], [x.clone() for x in w]
+        b1, b2 = [torch.empty_like(x) for x in w], [torch.empty_like(x) for x in w]
+        g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+        bsam_noise_cuda(w1, b1, s, 500, g1)
+        ops.bsam_noise_(w2, b2, s, 500, g2, backend="torch")
+        assert torch.equal(g1.get_state(), g2.get_state())
+        for a, b in zip(w1, w2):
+            assert_close_dtype(a, b.double(), dtype)
+        assert all(torch.equal(a, x) for a, x in zip(b1, w))
+
+    backups, grads = _lists(SHAPES, dtype, gen, 2)
+    s = [(0.5 + torch.rand(x.shape, generator=gen)).to(dtype) for x in backups]
+    for adaptive in (False, True):
+        p1, p2 = [torch.empty_like(x) for x in backups], [torch.empty_like(x) for x in backups]
+        h1, h2 = [torch.empty_like(x) for x in backups], [torch.empty_like(x) for x in backups]
+        bsam_ascent_cuda(p1, backups, grads, s, h1, 0.2, adaptive)
+        ops.bsam_ascent_(p2, backups, grads, s, h2, 0.2, adaptive, backend="torch")
+        for a, b in zip(p1 + h1, p2 + h2):
+            assert_close_dtype(a, b.double(), dtype)
+
+    for lr in (0.1, torch.tensor(0.1)):
+        p1, m1 = _lists(SHAPES, dtype, gen, 2)
+        p2, m2, s1, s2 = [x.clone() for x in p1], [x.clone() for x in m1], [x.clone() for x in s], [x.clone() for x in s]
+        bsam_step_cuda(p1, backups, grads, m1, s1, h1, lr, 0.9, 0.999, 1e-2, 0.1)
+        ops.bsam_step_(p2, backups, grads, m2, s2, h1, lr=lr, beta1=0.9, beta2=0.999, weight_decay=1e-2, damping=0.1,
+                       backend="torch")
+        for a, b in zip(p1 + m1 + s1, p2 + m2 + s2):
+            assert_close_dtype(a, b.double(), dtype, factor=4)

@@ -9,7 +9,6 @@
 """
 
 import io
-from collections import Counter
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 
 import fastsam
 from fastsam import ops
-from helpers import host_sync_watch
+from helpers import host_sync_watch, op_counter
 
 STEPS = 30
 
@@ -214,18 +213,6 @@ def test_no_host_sync_in_a_step():
 def test_dispatched_ops_do_not_grow_with_the_number_of_tensors():
     """Work-doing ops of a whole step (views left out) are the same for 8 and for 200 tensors; the
     closure's own ops, which do grow (one matmul per tensor), are counted apart and subtracted."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
     def count(n):
         gen = torch.Generator().manual_seed(0)
         params = [nn.Parameter(torch.randn(5, generator=gen) * 0.1) for _ in range(n)]
@@ -238,7 +225,7 @@ def test_dispatched_ops_do_not_grow_with_the_number_of_tensors():
 
         for _ in range(2):
             opt.step(closure)
-        with CountOps() as c:
+        with op_counter(skip_views=True) as c:
             opt.step(closure)
         return c.ops
 

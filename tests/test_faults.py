@@ -240,6 +240,10 @@ calls = {
                                          0.999, 1e-8, 0.0, 1),
     "momentum_sam_shift": lambda f, o: f(lists(good), o, torch.zeros(()), None),
     "sampa_extrapolate": lambda f, o: f(lists(good), lists(good), o, lists(good), 0.1, 0.9, 0.0),
+    "bsam_noise": lambda f, o: f(lists(good), o, lists(good), 10, torch.Generator()),
+    "bsam_ascent": lambda f, o: f(lists(good), o, lists(good), lists(good), lists(good), 0.1, False),
+    "bsam_step": lambda f, o: f(lists(good), o, lists(good), lists(good), lists(good), lists(good), 0.1, 0.9, 0.999,
+                                0.0, 0.1),
 }
 for op, call in calls.items():
     for backend, fn in ops.implementations(op).items():
@@ -263,7 +267,7 @@ def test_every_backend_checks_lengths_and_shapes_before_launching():
     assert "UNCHECKED" not in out, out
     backends = eval(out.splitlines()[0].split(" ", 1)[1])
     assert "torch" in backends
-    n_ops = 16
+    n_ops = 19
     assert out.count("OK ") >= 2 * n_ops, out
 
 

@@ -204,3 +204,64 @@ def test_momentum_sam_and_sampa_follow_the_torch_backend_without_host_syncs(name
     for a, b, c in zip(model.parameters(), again.parameters(), ref.parameters()):
         assert torch.equal(a, b), "deterministic: the same run gives the same bits"
         torch.testing.assert_close(a, c, **tol)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bayesian SAM's ops on the GPU: the torch backend's results (the same noise from the same CUDA
+# generator state), no host sync, on the caller's stream; BSAM over each backend follows torch.
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_bsam_ops_match_the_torch_backend_without_a_host_sync(backend, dtype):
+    dev = torch.device("cuda")
+    shapes = [(257, 129), (129,), (1,), (10, 4097), (3, 5, 7)]
+    tol = {torch.float32: (2e-6, 1e-6), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}[dtype]
+    out = {}
+    for name in (backend, "torch"):
+        gen = torch.Generator().manual_seed(0)
+        w, g1, g2, m = ([torch.randn(s, generator=gen).to(dev, dtype) for s in shapes] for _ in range(4))
+        s = [(0.5 + torch.rand(sh, generator=gen)).to(dev, dtype) for sh in shapes]
+        backups, h = [torch.empty_like(x) for x in w], [torch.empty_like(x) for x in w]
+        noise_gen = torch.Generator(device=dev).manual_seed(5)
+        lr = torch.tensor(0.1, device=dev)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.stream(side):  # the kernels must queue on the current stream
+                ops.bsam_noise_(w, backups, s, 10000, noise_gen, backend=name)
+                noisy = [x.clone() for x in w]
+                ops.bsam_ascent_(w, backups, g1, s, h, 0.05, True, backend=name)
+                ascended = [x.clone() for x in w + h]
+                ops.bsam_step_(w, backups, g2, m, s, h, lr=lr, beta1=0.9, beta2=0.999, weight_decay=1e-4,
+                               damping=0.1, backend=name)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        side.synchronize()
+        out[name] = (noisy, ascended, w, m, s, noise_gen.get_state())
+    assert torch.equal(out[backend][5], out["torch"][5]), "one draw of the same size from the same generator"
+    for got, want in zip(out[backend][:5], out["torch"][:5]):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_bsam_over_each_backend_follows_the_torch_backend(backend):
+    device = torch.device("cuda")
+    x = torch.randn(64, 32, device=device)
+    y = torch.randint(0, 10, (64,), device=device)
+    results = {}
+    for name in (backend, "torch"):
+        model = _model(device)
+        opt = fastsam.BSAM(model.parameters(), 1000, lr=0.05, seed=3, backend=name)
+
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(10):
+            opt.step(closure)
+        results[name] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(results[backend], results["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

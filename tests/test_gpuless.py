@@ -7,14 +7,12 @@ launcher flag cannot go uncompiled), the pairwise covering, the rules, and its r
 the CUDA torch cannot be installed.
 """
 
-import csv
 import inspect
 import itertools
 import os
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from gpuless import report, sass, triton_aot
 

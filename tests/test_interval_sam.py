@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastsam
-from helpers import backends_for
+from helpers import backends_for, op_counter
 from test_sam import ADAMW_KW, SGD_KW, assert_models_close, assert_models_equal, batches, make_model, param_groups
 from variant_reference import ReferenceVariant, run_fastsam, run_reference
 
@@ -147,25 +147,13 @@ def test_steps_have_no_host_sync_and_a_constant_op_count(variant, monkeypatch):
     and more accurate and there are no launches to save (``grad_dot.reduces_per_tensor``); the
     multi-tensor path is the one that runs on GPUs, so that is the one counted here.
     """
-    from collections import Counter
 
     import sys
 
     # (fastsam.ops.grad_dot is also the op's function: take the module itself.)
     monkeypatch.setattr(sys.modules["fastsam.ops.grad_dot"], "reduces_per_tensor", lambda device: False)
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     sync_ops = ("_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose")
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
 
     def count(n_tensors, base_cls, kw):
         gen = torch.Generator().manual_seed(0)
@@ -187,7 +175,7 @@ def test_steps_have_no_host_sync_and_a_constant_op_count(variant, monkeypatch):
             one_step()
         counts = []
         for _ in range(2):  # a SAM step, then a cheap step
-            with CountOps() as mode:
+            with op_counter() as mode:
                 one_step()
             counts.append(mode.ops)
         return counts

@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastsam
-from helpers import host_sync_watch
-from test_esam import BNNet, batches, groups_of, make_model, per_sample_closure
+from helpers import host_sync_watch, op_counter
+from test_esam import batches, groups_of, make_model, per_sample_closure
 
 STEPS = 30
 SGD_KW = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -202,22 +202,11 @@ def test_constant_number_of_optimizer_ops_whatever_the_number_of_tensors(monkeyp
     Counted inside ``sds_select``, ``first_step`` and ``second_step``; the closure's forward/backward is the
     model's cost, one autograd node per tensor, and is left out.
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from fastsam import ops
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
 
     def counted(fn, sink):
         def wrapper(*a, **k):
-            mode = CountOps()
+            mode = op_counter()
             with mode:
                 out = fn(*a, **k)
             sink.update(mode.ops)

@@ -3,7 +3,6 @@
 import copy
 import io
 import math
-from collections import Counter
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 import fastsam
 from fastsam import ops
-from helpers import DTYPES, TOL, backend_cases, host_sync_watch, many_shapes, randn_list, shape_sets
+from helpers import DTYPES, TOL, backend_cases, host_sync_watch, many_shapes, op_counter, randn_list, shape_sets
 from test_sam import batches, make_model
 
 STEPS = 30
@@ -320,17 +319,6 @@ def test_no_host_sync_in_a_step_or_the_context(kind):
 
 
 def _count_ops(n_tensors, kind):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
     gen = torch.Generator().manual_seed(0)
     params = [nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(n_tensors)]
     opt = build(kind, params)
@@ -340,7 +328,7 @@ def _count_ops(n_tensors, kind):
         opt.step()
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
-    with CountOps() as counted:
+    with op_counter() as counted:
         opt.step()
     return counted.ops
 

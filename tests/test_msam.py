@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastsam
 from helpers import backends_for, host_sync_watch
-from test_esam import (ADAMW_KW, BASES, SGD_KW, assert_models_close, assert_models_equal, batches, groups_of,
+from test_esam import (BASES, SGD_KW, assert_models_close, assert_models_equal, batches, groups_of,
                        make_model, per_sample_closure)
 
 STEPS = 12

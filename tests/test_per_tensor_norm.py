@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastsam import ops
-from helpers import DTYPES, assert_close_dtype, backend_cases, randn_list, shape_sets
+from helpers import DTYPES, assert_close_dtype, backend_cases, op_counter, randn_list, shape_sets
 
 
 def reference_norms(tensors):
@@ -149,21 +149,8 @@ def _count_dispatched(fn):
     """Dispatched ops that do work, by name. View ops (``aten.view``, ``aten.slice``: metadata only,
     no kernel) are left out: the torch backend packs a bucket into one flat vector and writes back
     through one view per tensor."""
-    from collections import Counter
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
-    with CountOps() as c:
+    with op_counter(skip_views=True) as c:
         fn()
     return c.ops
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastsam
-from helpers import backends_for, host_sync_watch
+from helpers import backends_for, host_sync_watch, op_counter
 
 STEPS = 24
 RESUME_AT = 11
@@ -288,18 +288,6 @@ def test_state_dict_loads_into_stock_optimizer_and_back():
 
 def test_constant_number_of_ops_whatever_the_number_of_tensors():
     """The dispatched op count of a whole SAM step does not grow with the number of tensors."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
 
     def count(n_tensors, base_cls, kw):
         gen = torch.Generator().manual_seed(0)
@@ -316,10 +304,10 @@ def test_constant_number_of_ops_whatever_the_number_of_tensors():
             fill()
             opt.second_step()
         fill()
-        with CountOps() as first:
+        with op_counter() as first:
             opt.first_step()
         fill()
-        with CountOps() as second:
+        with op_counter() as second:
             opt.second_step()
         return first.ops, second.ops
 

@@ -1,7 +1,6 @@
 """SAMPa: fp64 reference from the paper, the one-process form, and two gloo processes against it."""
 
 import io
-from collections import Counter
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 import fastsam
 from gloo_ranks import run_gloo_ranks
-from helpers import host_sync_watch
+from helpers import host_sync_watch, op_counter
 from test_sam import batches, make_model
 
 STEPS = 30
@@ -171,25 +170,12 @@ def test_weights_restored_when_the_closure_raises_and_bad_input():
 
 
 def test_no_host_sync_and_constant_ops_outside_the_closure(monkeypatch):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-            self.paused = False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not self.paused:
-                self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
     def count(n):
         gen = torch.Generator().manual_seed(0)
         params = [nn.Parameter(torch.randn(3, generator=gen)) for _ in range(n)]
         x = torch.randn(8, 3, generator=gen)
         opt = fastsam.SAMPa(params, torch.optim.SGD, parallel=False, lr=0.1, momentum=0.9)
-        mode = CountOps()
+        mode = op_counter()
 
         def closure():  # the model's forward/backward: one autograd node per tensor, not the optimizer's work
             mode.paused = True

@@ -72,6 +72,13 @@ def _opcheck_cases():
                                                torch.tensor(-0.2, device=d), rand_list(SHAPES, seed=3)),
         "sampa_extrapolate_triton_": lambda: (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2),
                                               rand_list(SHAPES, seed=3), rand_list(SHAPES, seed=4), 0.1, 0.9, 5e-4),
+        "bsam_noise_triton_": lambda: (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2), pos(3),
+                                       torch.randn(sum(torch.Size(s).numel() for s in SHAPES), device=d), 1000.0),
+        "bsam_ascent_triton_": lambda: (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2), rand_list(SHAPES, seed=3),
+                                        pos(4), rand_list(SHAPES, seed=5), 0.05, True),
+        "bsam_step_triton_": lambda: (rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2), rand_list(SHAPES, seed=3),
+                                      rand_list(SHAPES, seed=4), pos(5), pos(6), 0.0, torch.tensor(0.1, device=d),
+                                      0.9, 0.999, 1e-4, 0.1),
         "sds_select_triton": lambda: (torch.randn(50, device=d), torch.randn(50, device=d), 7),
         "sds_weights_triton": lambda: (torch.randn(50, device=d), torch.randn(50, device=d), 0.5),
     }

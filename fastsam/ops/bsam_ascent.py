@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import is_low_precision, pack_fp32, unpack_into_
 
@@ -36,6 +36,7 @@ def bsam_ascent_(params, backups, grads, precisions, scales, rho: float, adaptiv
 
 @register("bsam_ascent", "torch")
 def bsam_ascent_torch(params, backups, grads, precisions, scales, rho, adaptive) -> None:
+    check_bucket("bsam_ascent", params, backups=backups, grads=grads, precisions=precisions, scales=scales)
     if not params:
         return
     low = is_low_precision(params[0].dtype)
@@ -53,3 +54,35 @@ def bsam_ascent_torch(params, backups, grads, precisions, scales, rho, adaptive)
     else:
         torch._foreach_copy_(params, d)
         torch._foreach_copy_(scales, h)
+
+
+# --------------------------------------------------------------------------------------------
+# cuda backend (csrc/bsam_ascent.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("bsam_ascent", "cuda")
+def bsam_ascent_cuda(params, backups, grads, precisions, scales, rho, adaptive) -> None:
+    if not params:
+        return
+    args = (params, backups, grads, precisions, scales, float(rho), bool(adaptive))
+    _cuda.call("bsam_ascent_", args, bsam_ascent_torch, args)
+
+
+@_cuda.fake("bsam_ascent_")
+def _bsam_ascent_fake(params, backups, grads, precisions, scales, rho, adaptive):
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("bsam_ascent", "triton")
+def bsam_ascent_triton(params, backups, grads, precisions, scales, rho, adaptive) -> None:
+    check_bucket("bsam_ascent", params, backups=backups, grads=grads, precisions=precisions, scales=scales)
+    from fastsam.kernels import bsam_ascent as kernels  # imported on first use: triton is optional
+
+    kernels.bsam_ascent_entry(params, backups, grads, precisions, scales, rho, adaptive)

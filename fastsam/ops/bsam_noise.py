@@ -6,6 +6,15 @@ per-element precision). The noise is drawn from ``generator`` as one flat fp32 d
 ``sum(numel)`` standard normals per call, tensors in list order (so a run is reproduced by the
 generator's state alone). Math in fp32 (fp64 for fp64 tensors).
 
+Every backend draws the noise the same way, with torch, before its arithmetic: one
+``torch.randn(sum(numel), generator=generator, device=..., dtype=float32)`` per bucket, element ``i``
+of tensor ``t`` at ``sum(numel of the tensors before t) + i`` in row-major order. So the Triton and
+CUDA backends give the torch backend's noise exactly, and a run is reproduced by the generator's
+state whatever the backend. Their fused kernel then does ``backup = w; w += n / sqrt(num_data * s)``
+in one pass reading that flat buffer: an extra fp32 buffer of ``sum(numel)`` elements (4 bytes per
+element, freed after the call) and 24 bytes of traffic per fp32 element instead of the 16 a kernel
+generating its own normals would need; the price of identical, backend-independent samples.
+
 Backend contract (``register("bsam_noise", backend)``): ``fn(params, backups, precisions, num_data,
 generator) -> None`` on one bucket; ``generator`` a ``torch.Generator`` on the bucket's device.
 """
@@ -14,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import FP32, is_low_precision, pack_fp32, unpack_into_
 
@@ -31,33 +40,88 @@ def bsam_noise_(params: list[torch.Tensor], backups: list[torch.Tensor], precisi
         fn([params[i] for i in idx], [backups[i] for i in idx], [precisions[i] for i in idx], num_data, generator)
 
 
+def draw_flat(params, generator: torch.Generator) -> torch.Tensor:
+    """The bucket's standard normals: one flat fp32 draw of ``sum(numel)`` (every backend's draw)."""
+    total = sum(p.numel() for p in params)
+    return torch.randn(total, generator=generator, device=params[0].device, dtype=FP32)
+
+
 def draw_noise(params, generator: torch.Generator, dtype: torch.dtype) -> list[torch.Tensor]:
-    """One flat draw of standard normals for the whole bucket, split into views shaped like ``params``.
+    """:func:`draw_flat` split into views shaped like ``params`` (fp64 for an fp64 bucket).
 
     The split is one op; the per-tensor views are metadata only (no kernel launches).
     """
-    total = sum(p.numel() for p in params)
-    flat = torch.randn(total, generator=generator, device=params[0].device, dtype=FP32)
+    return _noise_views(draw_flat(params, generator), params, dtype)
+
+
+def _noise_views(flat: torch.Tensor, params, dtype: torch.dtype) -> list[torch.Tensor]:
     if dtype == torch.float64:
         flat = flat.double()
     return [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in params]), params)]
 
 
+# --------------------------------------------------------------------------------------------
+# torch backend
+# --------------------------------------------------------------------------------------------
+
 @register("bsam_noise", "torch")
 def bsam_noise_torch(params, backups, precisions, num_data, generator) -> None:
+    check_bucket("bsam_noise", params, backups=backups, precisions=precisions)  # before the draw
     if not params:
         return
+    apply_noise_torch(params, backups, precisions, num_data, draw_flat(params, generator))
+
+
+def apply_noise_torch(params, backups, precisions, num_data, flat: torch.Tensor) -> None:
+    """The torch backend's arithmetic on a drawn ``flat`` buffer (also the kernels' layout fallback)."""
     torch._foreach_copy_(backups, params)
     low = is_low_precision(params[0].dtype)
     if low:
         work_w, work_s = [pack_fp32(params)], [pack_fp32(precisions)]
-        noise = [torch.randn(work_w[0].numel(), generator=generator, device=work_w[0].device, dtype=FP32)]
+        noise = [flat]
     else:
         work_w, work_s = params, precisions
-        noise = draw_noise(params, generator, params[0].dtype)
+        noise = _noise_views(flat, params, params[0].dtype)
     std = torch._foreach_mul(work_s, float(num_data))
     torch._foreach_rsqrt_(std)
     torch._foreach_mul_(std, noise)
     torch._foreach_add_(work_w, std)
     if low:
         unpack_into_(params, work_w[0])
+
+
+# --------------------------------------------------------------------------------------------
+# cuda backend (csrc/bsam_noise.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("bsam_noise", "cuda")
+def bsam_noise_cuda(params, backups, precisions, num_data, generator) -> None:
+    check_bucket("bsam_noise", params, backups=backups, precisions=precisions)  # before the draw
+    if not params:
+        return
+    flat = draw_flat(params, generator)
+    # A layout the kernel declines (not contiguous) runs the torch arithmetic on the same draw.
+    _cuda.call("bsam_noise_", (params, backups, precisions, flat, float(num_data)), apply_noise_torch,
+               (params, backups, precisions, num_data, flat))
+
+
+@_cuda.fake("bsam_noise_")
+def _bsam_noise_fake(params, backups, precisions, noise, num_data):
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("bsam_noise", "triton")
+def bsam_noise_triton(params, backups, precisions, num_data, generator) -> None:
+    check_bucket("bsam_noise", params, backups=backups, precisions=precisions)  # before the draw
+    if not params:
+        return
+    from fastsam.kernels import bsam_noise as kernels  # imported on first use: triton is optional
+
+    kernels.bsam_noise_entry(params, backups, precisions, draw_flat(params, generator), float(num_data))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_like_params
+from ._checks import check_bucket, check_like_params
 from ._dispatch import group_by_device_dtype, register, resolve
 from ._torch_common import is_low_precision, pack_fp32, unpack_into_
 
@@ -40,6 +40,8 @@ def bsam_step_(params, backups, grads, momenta, precisions, scales, *, lr, beta1
 @register("bsam_step", "torch")
 def bsam_step_torch(params, backups, grads, momenta, precisions, scales, lr, beta1, beta2, weight_decay,
                     damping) -> None:
+    check_bucket("bsam_step", params, backups=backups, grads=grads, momenta=momenta, precisions=precisions,
+                 scales=scales)
     if not params:
         return
     low = is_low_precision(params[0].dtype)
@@ -61,3 +63,43 @@ def bsam_step_torch(params, backups, grads, momenta, precisions, scales, lr, bet
         unpack_into_(params, w[0])
         unpack_into_(momenta, m[0])
         unpack_into_(precisions, s[0])
+
+
+# --------------------------------------------------------------------------------------------
+# cuda backend (csrc/bsam_step.cu via fastsam._C; see _cuda_common.py)
+# --------------------------------------------------------------------------------------------
+
+from . import _cuda_common as _cuda  # noqa: E402
+
+
+@register("bsam_step", "cuda")
+def bsam_step_cuda(params, backups, grads, momenta, precisions, scales, lr, beta1, beta2, weight_decay,
+                   damping) -> None:
+    if not params:
+        return
+    lr_tensor, lr_value = _cuda.lr_args(lr, params[0].device)
+    _cuda.call("bsam_step_", (params, backups, grads, momenta, precisions, scales, lr_tensor, lr_value, float(beta1),
+                              float(beta2), float(weight_decay), float(damping)),
+               bsam_step_torch, (params, backups, grads, momenta, precisions, scales, lr, beta1, beta2, weight_decay,
+                                 damping))
+
+
+@_cuda.fake("bsam_step_")
+def _bsam_step_fake(params, backups, grads, momenta, precisions, scales, lr_tensor, lr, beta1, beta2, weight_decay,
+                    damping):
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# triton backend
+# --------------------------------------------------------------------------------------------
+
+@register("bsam_step", "triton")
+def bsam_step_triton(params, backups, grads, momenta, precisions, scales, lr, beta1, beta2, weight_decay,
+                     damping) -> None:
+    check_bucket("bsam_step", params, backups=backups, grads=grads, momenta=momenta, precisions=precisions,
+                 scales=scales)
+    from fastsam.kernels import bsam_step as kernels  # imported on first use: triton is optional
+
+    kernels.bsam_step_entry(params, backups, grads, momenta, precisions, scales, lr, beta1, beta2, weight_decay,
+                            damping)

@@ -25,8 +25,9 @@ authors' algorithm falls (tests/test_bsam.py shows both).
 The noise comes from a ``torch.Generator`` per device, seeded by ``seed`` (drawn from torch's
 global generator when None); its state is in ``state_dict()["fastsam"]["generators"]``, so a
 resumed run continues bit for bit. Ops: :func:`fastsam.ops.bsam_noise_`, :func:`fastsam.ops.bsam_ascent_`,
-:func:`fastsam.ops.bsam_step_` (torch backend), a constant number of kernels per (device, dtype)
-bucket. No host synchronisation.
+:func:`fastsam.ops.bsam_step_` (torch, Triton and CUDA backends; on Triton and CUDA one fused launch
+each per bucket, after the noise's one ``torch.randn``, so every backend draws the same sample), a
+constant number of kernels per (device, dtype) bucket. No host synchronisation.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class BSAM(torch.optim.Optimizer):
         adaptive: scale the ascent step by ``w^2``.
         s_init: initial precision (the authors' ``s_init``; 1 as in pytorch-optimizer).
         seed: seed of the noise generators (None: drawn from torch's global generator).
-        backend: ``"auto"``, ``"torch"``, ...: the op backend (bSAM's ops have a torch backend).
+        backend: ``"auto"``, ``"torch"``, ...: the op backend of bSAM's three ops.
 
     Use ``loss = opt.step(closure)``, where ``closure()`` computes the loss and its gradients
     (``.grad`` is cleared before each of its two calls), or the three-call form::

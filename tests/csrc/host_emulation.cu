@@ -23,6 +23,10 @@
 // Momentum-SAM and SAMPa
 #include "momentum_sam.cu"
 #include "sampa_extrapolate.cu"
+// Bayesian SAM (bSAM)
+#include "bsam_ascent.cu"
+#include "bsam_noise.cu"
+#include "bsam_step.cu"
 
 using namespace fastsam::cuda;
 
@@ -212,6 +216,24 @@ int fastsam_emu_sampa_extrapolate(int dtype, void* const* rows, const int64_t* n
                                   int has_momentum, float momentum, float weight_decay) {
   const SampaExtrapolateConfig config{lr, has_momentum != 0, momentum, weight_decay};
   return launch_sampa_extrapolate(HostExec{}, static_cast<DType>(dtype), rows, numels, n, config);
+
+}
+
+// ---- Bayesian SAM (bSAM) ----
+
+int fastsam_emu_bsam_noise(int dtype, void* const* rows, const int64_t* numels, int n, const float* noise,
+                           float num_data) {
+  return launch_bsam_noise(HostExec{}, static_cast<DType>(dtype), rows, numels, n, noise, num_data);
+}
+
+int fastsam_emu_bsam_ascent(int dtype, void* const* rows, const int64_t* numels, int n, float rho, int adaptive) {
+  return launch_bsam_ascent(HostExec{}, static_cast<DType>(dtype), rows, numels, n, rho, adaptive != 0);
+}
+
+int fastsam_emu_bsam_step(int dtype, void* const* rows, const int64_t* numels, int n, const float* lr_ptr, float lr,
+                          float one_minus_beta1, float one_minus_beta2, float weight_decay, float s_shift) {
+  const BsamStepConfig config{lr_ptr, lr, one_minus_beta1, one_minus_beta2, weight_decay, s_shift};
+  return launch_bsam_step(HostExec{}, static_cast<DType>(dtype), rows, numels, n, config);
 }
 
 }  // extern "C"

@@ -27,7 +27,8 @@ from gpuless.triton_aot import FIELDS  # noqa: E402
 
 
 # The multi-tensor streaming kernels (csrc/multi_tensor_apply.cuh bodies): register limit, 128-bit path.
-STREAMING_BODIES = re.compile(r"\b(RestoreBody|PerturbBody|SgdBody|AdamWBody|NormChunkBody)<")
+STREAMING_BODIES = re.compile(r"\b(RestoreBody|PerturbBody|SgdBody|AdamWBody|NormChunkBody|BsamNoiseBody|BsamAscentBody"
+                              r"|BsamStepBody)<")
 
 
 def demangle(names: list[str]) -> dict[str, str]:

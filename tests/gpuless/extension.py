@@ -103,8 +103,23 @@ def cases(torch):
         for bufs in ([], m):
             fn(p, d, b, bufs, 0.1, 0.9, 5e-4)
 
+    def bsam_noise(fn, new, dtype):
+        p, b, s = lists(new, dtype, 3)
+        fn(p, b, s, 1000, None)  # the default generator: a CUDA generator needs a device
+
+    def bsam_ascent(fn, new, dtype):
+        p, b, g, s, h = lists(new, dtype, 5)
+        for adaptive in (False, True):
+            fn(p, b, g, s, h, 0.05, adaptive)
+
+    def bsam_step(fn, new, dtype):
+        p, b, g, m, s, h = lists(new, dtype, 6)
+        for lr in (0.1, new((), torch.float32)):
+            fn(p, b, g, m, s, h, lr, 0.9, 0.999, 1e-4, 0.1)
+
     return {"momentum_sam_sgd": msam_sgd, "momentum_sam_adamw": msam_adamw, "momentum_sam_shift": msam_shift,
             "sampa_extrapolate": sampa,
+            "bsam_noise": bsam_noise, "bsam_ascent": bsam_ascent, "bsam_step": bsam_step,
             "grad_mix": mix, "ema_direction": ema, "per_tensor_norm": per_tensor_norms,
             "perturb_per_tensor": perturb_per_tensor, "grad_norm": norm, "perturb": perturb, "restore": restore, "restore_sgd_step": sgd,
             "restore_adamw_step": adamw, "sds_select": select, "sds_weights": weights}

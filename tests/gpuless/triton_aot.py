@@ -110,6 +110,7 @@ def specs() -> list[Spec]:
     from kernels import (_multi_tensor, ema_direction, grad_mix, grad_norm, momentum_sam, per_tensor_norm, perturb,
                          perturb_per_tensor, restore, restore_adamw_step, restore_sgd_step, sampa_extrapolate,
                          sds_select, sds_weights)
+    from kernels import bsam_ascent, bsam_noise, bsam_step
 
     dtypes = [tl.float32, tl.bfloat16, tl.float16]
     block = _multi_tensor.BLOCK
@@ -224,6 +225,19 @@ def specs() -> list[Spec]:
               "BLOCK": [block]},
              derive=lambda c: {**c, "N_LISTS": 4 if c["HAS_MOMENTUM"] else 3}, aligned=("meta",), streaming=True,
              vector_path=True, warps=lambda c: sampa_extrapolate.NUM_WARPS),
+        Spec("bsam_noise.bsam_noise_kernel", bsam_noise.bsam_noise_kernel,
+             lambda c: {**table_scalars, "noise_ptr": "*fp32", "num_data": "fp32"},
+             {"DTYPE": dtypes, "ALIGN": align, "BLOCK": [block]}, aligned=("meta",), streaming=True,
+             vector_path=True, warps=lambda c: bsam_noise.NUM_WARPS),
+        Spec("bsam_ascent.bsam_ascent_kernel", bsam_ascent.bsam_ascent_kernel,
+             lambda c: {**table_scalars, "rho": "fp32"},
+             {"DTYPE": dtypes, "ADAPTIVE": [False, True], "ALIGN": align, "BLOCK": [block]}, aligned=("meta",),
+             streaming=True, vector_path=True, warps=lambda c: bsam_ascent.NUM_WARPS),
+        Spec("bsam_step.bsam_step_kernel", bsam_step.bsam_step_kernel,
+             lambda c: {**table_scalars, "lr_value": "fp32", "lr_ptr": device_scalar(c["LR_ON_DEVICE"]),
+                        **dict.fromkeys(("one_minus_beta1", "one_minus_beta2", "weight_decay", "s_shift"), "fp32")},
+             {"DTYPE": dtypes, "LR_ON_DEVICE": [False, True], "ALIGN": align, "BLOCK": [block]},
+             aligned=("meta", "lr_ptr"), streaming=True, vector_path=True, warps=lambda c: bsam_step.NUM_WARPS),
         Spec("sds_select.sds_select_kernel", sds_select.sds_select_kernel,
              lambda c: {"before_ptr": ptr[c["LOSS_DTYPE"]], "after_ptr": ptr[c["LOSS_DTYPE"]], "n": "i32", "k": "i32",
                         "out_ptr": "*i64"},
