@@ -177,3 +177,38 @@ def reference_bsam(model, data, generator_state, num_data, lr, betas, weight_dec
                 p.copy_(wi - lr * mi / si)
             s = [beta2 * si + (1 - beta2) * (gsi + damping + weight_decay) for si, gsi in zip(s, gs)]
     return model, losses
+
+
+def assert_raising_closure_restores_the_weights(model, opt):
+    """``opt.step(closure)`` with a closure that raises at the perturbed point leaves ``model`` as it was."""
+    x, y = batches(1)[0]
+    loss_of(model, x, y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        raise RuntimeError("boom")
+
+    try:
+        opt.step(closure)
+    except RuntimeError as exc:
+        assert "boom" in str(exc)
+    else:
+        raise AssertionError("the closure's error did not propagate")
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    return before
+
+
+def host_syncs_in_two_call_steps(model, opt, steps=3):
+    """The host-syncing ops dispatched by ``opt.first_step``/``opt.second_step`` over ``steps`` steps."""
+    from helpers import host_sync_watch
+
+    watch = host_sync_watch()
+    x, y = batches(1)[0]
+    for _ in range(steps):
+        loss_of(model, x, y).backward()
+        with watch:
+            opt.first_step(zero_grad=True)
+        loss_of(model, x, y).backward()
+        with watch:
+            opt.second_step(zero_grad=True)
+    return watch.seen

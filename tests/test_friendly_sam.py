@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import fastsam
-from helpers import backends_for, host_sync_watch
-from sam_family_reference import (assert_models_close, assert_models_equal, batches, loss_of, make_mlp,
+from helpers import backends_for
+from sam_family_reference import (assert_raising_closure_restores_the_weights, host_syncs_in_two_call_steps,
+                                  assert_models_close, assert_models_equal, batches, loss_of, make_mlp,
                                   reference_friendly_sam, run, sam_step)
 from test_wsam import _count_ops
 
@@ -108,16 +109,7 @@ def test_friendly_sam_non_finite_gradient_never_enters_the_ema():
 def test_friendly_sam_faults_restore_the_weights():
     model = make_mlp()
     opt = fastsam.FriendlySAM(model.parameters(), torch.optim.SGD, lr=0.1)
-    x, y = batches(1)[0]
-    loss_of(model, x, y).backward()
-    before = [p.detach().clone() for p in model.parameters()]
-
-    def closure():
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        opt.step(closure)
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    before = assert_raising_closure_restores_the_weights(model, opt)
     opt.sigma = -1.0
     with pytest.raises(ValueError, match="sigma"):
         opt.first_step()
@@ -126,17 +118,7 @@ def test_friendly_sam_faults_restore_the_weights():
 
 def test_friendly_sam_no_host_sync_in_a_step():
     model = make_mlp()
-    watch = host_sync_watch()
-    opt = fastsam.FriendlySAM(model.parameters(), torch.optim.AdamW, lr=1e-3)
-    x, y = batches(1)[0]
-    for _ in range(3):
-        loss_of(model, x, y).backward()
-        with watch:
-            opt.first_step(zero_grad=True)
-        loss_of(model, x, y).backward()
-        with watch:
-            opt.second_step(zero_grad=True)
-    assert watch.seen == []
+    assert host_syncs_in_two_call_steps(model, fastsam.FriendlySAM(model.parameters(), torch.optim.AdamW, lr=1e-3)) == []
 
 
 def test_friendly_sam_dispatched_ops_do_not_grow_with_the_number_of_tensors():

@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 
 import fastsam
-from helpers import backends_for, host_sync_watch, op_counter
-from sam_family_reference import (assert_models_close, assert_models_equal, batches, loss_of, make_mlp,
+from helpers import backends_for, op_counter
+from sam_family_reference import (assert_raising_closure_restores_the_weights, host_syncs_in_two_call_steps,
+                                  assert_models_close, assert_models_equal, batches, loss_of, make_mlp,
                                   reference_wsam, run, sam_step)
 
 SGD = (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3))
@@ -113,17 +114,7 @@ def test_wsam_bad_gamma_between_steps_changes_nothing():
 
 def test_wsam_closure_raising_restores_the_weights():
     model = make_mlp()
-    opt = fastsam.WSAM(model.parameters(), torch.optim.SGD, lr=0.1)
-    x, y = batches(1)[0]
-    loss_of(model, x, y).backward()
-    before = [p.detach().clone() for p in model.parameters()]
-
-    def closure():
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        opt.step(closure)
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert_raising_closure_restores_the_weights(model, fastsam.WSAM(model.parameters(), torch.optim.SGD, lr=0.1))
 
 
 def test_wsam_non_finite_first_gradient_leaves_the_weights_finite():
@@ -142,18 +133,9 @@ def test_wsam_non_finite_first_gradient_leaves_the_weights_finite():
 
 def test_wsam_no_host_sync_in_a_step():
     model = make_mlp()
-    watch = host_sync_watch()
     for decouple, max_norm in ((True, 1.0), (False, None)):
         opt = fastsam.WSAM(model.parameters(), torch.optim.AdamW, lr=1e-3, decouple=decouple, max_norm=max_norm)
-        x, y = batches(1)[0]
-        for _ in range(2):
-            loss_of(model, x, y).backward()
-            with watch:
-                opt.first_step(zero_grad=True)
-            loss_of(model, x, y).backward()
-            with watch:
-                opt.second_step(zero_grad=True)
-    assert watch.seen == []
+        assert host_syncs_in_two_call_steps(model, opt, steps=2) == []
 
 
 def _count_ops(opt_cls, n_tensors, **kw):
