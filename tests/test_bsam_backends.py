@@ -30,3 +30,61 @@ def test_bsam_every_backend_follows_the_torch_backend(backend):
     for p, q in zip(mine.parameters(), reference.parameters()):
         for key in ("momentum", "precision"):
             torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backends_for("bsam_step", "cpu", torch.float32))
+def test_bsam_no_host_sync_and_work_per_step_independent_of_tensor_count(backend):
+    """Dispatched ops (and, on Triton, kernel launches) per step are the same for 6 and 120 tensors,
+    and none of them syncs with the host."""
+    from collections import Counter
+
+    import torch.nn as nn
+
+    import fastsam
+    from helpers import SYNC_OPS, op_counter
+    from test_bsam import HP, NUM_DATA
+
+    def launches():
+        if backend != "triton":
+            return Counter()
+        from fastsam.kernels import _multi_tensor
+
+        return Counter(_multi_tensor.launches)
+
+    def count(n):
+        gen = torch.Generator().manual_seed(0)
+        params = [nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(n)]
+        opt = fastsam.BSAM(params, NUM_DATA, backend=backend, **HP)
+
+        def fill():
+            counter.paused = True
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            counter.paused = False
+
+        counter = op_counter(skip_views=True)
+        for _ in range(2):  # warm-up: the kernels' pointer tables are built on first use
+            opt.first_step()
+            fill()
+            opt.second_step()
+            fill()
+            opt.third_step()
+        before = launches()
+        with counter:
+            opt.first_step()
+            fill()
+            opt.second_step()
+            fill()
+            opt.third_step()
+        return counter.ops, launches() - before
+
+    ops6, launches6 = count(6)
+    ops120, launches120 = count(120)
+    assert ops6 == ops120
+    assert launches6 == launches120
+    assert not [op for op in ops120 if any(s in op for s in SYNC_OPS)], ops120
+    if backend == "triton":
+        assert launches6 == Counter({"bsam_noise_kernel": 1, "bsam_ascent_kernel": 1, "bsam_step_kernel": 1})
+        # The noise: one draw per bucket; the other ops build the pointer tables of the new .grad tensors
+        # (fill() allocates them anew each step), a fixed number per bucket.
+        assert ops6["aten.randn.generator"] == 1, ops6
