@@ -402,18 +402,18 @@ def _sq(ts) -> float:
     return sum(float((t.double() ** 2).sum()) for t in ts)
 
 
-@pytest.mark.parametrize("nesterov,wd", [(False, 1e-2), (True, 0.0)])
+@pytest.mark.parametrize("nesterov,wd,mu", [(False, 1e-2, 0.9), (True, 0.0, 0.9), (False, 5e-4, 0.0)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_momentum_sam_sgd(emu, dtype, nesterov, wd):
+def test_momentum_sam_sgd(emu, dtype, nesterov, wd, mu):
     from test_momentum_sam_ops import reference_sgd
 
-    gen = torch.Generator().manual_seed(hash((str(dtype), nesterov, "msam_sgd")) % 2 ** 31)
+    gen = torch.Generator().manual_seed(hash((str(dtype), nesterov, mu, "msam_sgd")) % 2 ** 31)
     for shapes, how in zip(shape_sets(gen), ("mixed", "aligned", "misaligned", "mixed")):
         w = layouts(randn_list(shapes, dtype, "cpu", gen), how)
         g = randn_list(shapes, dtype, "cpu", gen)
         v = layouts(randn_list(shapes, dtype, "cpu", gen), "mixed")
-        expected = [reference_sgd(a, b, c, 0.07, 0.1, 0.9, wd, nesterov) for a, b, c in zip(w, g, v)]
-        sq = emu.momentum_sam_sgd_(w, g, v, torch.tensor(0.07), 0.1, 0.9, wd, nesterov)
+        expected = [reference_sgd(a, b, c, 0.07, 0.1, mu, wd, nesterov) for a, b, c in zip(w, g, v)]
+        sq = emu.momentum_sam_sgd_(w, g, v, torch.tensor(0.07), 0.1, mu, wd, nesterov)
         for a, b, (ew, ev) in zip(w, v, expected):
             assert_close_dtype(a, ew, dtype, factor=4)
             assert_close_dtype(b, ev, dtype, factor=4)

@@ -338,6 +338,21 @@ def test_momentum_sam_and_sampa_backend_functions_through_the_schemas(fake_exten
         assert all(torch.equal(a, b) for a, b in zip(b1, b2))
 
 
+def test_momentum_sam_norm_with_empty_tensors_through_the_schemas(fake_extension):
+    """Zero-element tensors get no chunk; an all-empty bucket still writes its (zero) norm."""
+    from fastsam.ops.momentum_sam import momentum_sam_sgd_cuda
+
+    gen = torch.Generator().manual_seed(6)
+    w, g, v = ([torch.zeros(0), torch.randn(4097, generator=gen)] for _ in range(3))
+    ref_w, ref_v = [x.clone() for x in w], [x.clone() for x in v]
+    sq = momentum_sam_sgd_cuda(w, g, v, torch.tensor(0.1), 0.1, 0.9, 0.0, False)
+    ref_sq = ops.momentum_sam_sgd_(ref_w, g, ref_v, s_old=0.1, lr=0.1, backend="torch")
+    assert_close_dtype(w[1], ref_w[1].double(), torch.float32)
+    torch.testing.assert_close(sq, ref_sq, rtol=2e-5, atol=0.0)
+    empty = [torch.zeros(0)]
+    assert float(momentum_sam_sgd_cuda(empty, empty, empty, torch.tensor(0.1), 0.1, 0.9, 0.0, False)) == 0.0
+
+
 def test_momentum_sam_layouts_the_kernels_decline_fall_back_to_torch(fake_extension):
     """A transposed weight next to a row-major buffer: the kernels decline, the torch backend serves."""
     from fastsam.ops.momentum_sam import momentum_sam_sgd_cuda

@@ -220,6 +220,23 @@ def test_triton_launches_do_not_grow_with_the_number_of_tensors(device, backend,
     assert counts[0]["momentum_sam_shift_kernel"] == 1
 
 
+@pytest.mark.parametrize("device,backend,dtype", backend_cases("momentum_sam_sgd", [torch.float32]))
+def test_empty_tensors_in_a_bucket(device, backend, dtype):
+    """Zero-element parameters (a frozen-size placeholder) are skipped; an all-empty bucket has norm 0."""
+    gen = torch.Generator().manual_seed(14)
+    shapes = [(0,), (4097,), (3, 0)]
+    w, g, v, u = _inputs(shapes, dtype, device, gen, 4)
+    u = [x.abs() for x in u]
+    exp = [reference_sgd(a, b, c, 0.1, 0.1, 0.9, 0.0, False) for a, b, c in zip(w, g, v)]
+    sq = ops.momentum_sam_sgd_(w, g, v, s_old=0.1, lr=0.1, backend=backend)
+    assert_close_dtype(w[1], exp[1][0], dtype)
+    assert math.isclose(float(sq), _sq(v), rel_tol=2e-5)
+    ops.momentum_sam_shift_(w, v, -0.1, [torch.empty_like(x) for x in w], backend=backend)
+    empty = [torch.zeros(0, device=device)]
+    assert float(ops.momentum_sam_sgd_(empty, empty, empty, s_old=0.1, lr=0.1, backend=backend)) == 0.0
+    assert float(ops.momentum_sam_adamw_(empty, empty, empty, empty, s_old=0.1, lr=0.1, backend=backend)) == 0.0
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 def _every_backend(op):
