@@ -259,6 +259,25 @@ def test_constant_number_of_launches_whatever_the_number_of_tensors():
         assert sum(small.values()) == (5 if base is torch.optim.AdamW else 4), small
 
 
+@pytest.mark.parametrize("cls", [fastsam.MomentumSAM, fastsam.MomentumSAMAdamW], ids=lambda c: c.__name__)
+def test_momentum_sam_launches_per_step_do_not_grow_with_the_number_of_tensors(cls):
+    """One fused step (plus its fixed-tree norm) and one ascent move per step, whatever the tensor count."""
+    def launches_per_step(n_tensors):
+        params = [nn.Parameter(t) for t in rand_list([(5, 3)] * n_tensors, seed=n_tensors)]
+        opt = cls(params, backend="triton")
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # state allocated
+        before = dict(_multi_tensor.launches)
+        opt.step()
+        return {k: v - before.get(k, 0) for k, v in _multi_tensor.launches.items() if v != before.get(k, 0)}
+
+    small, large = launches_per_step(3), launches_per_step(70)
+    assert small == large, (small, large)
+    step_kernel = "momentum_sam_adamw_kernel" if cls is fastsam.MomentumSAMAdamW else "momentum_sam_sgd_kernel"
+    assert small == {step_kernel: 1, "sum_partials_kernel": 1, "momentum_sam_shift_kernel": 1}, small
+
+
 def test_tables_are_cached_by_address():
     params, backups = rand_list(SHAPES, seed=1), rand_list(SHAPES, seed=2)
     ops.restore_(params, backups, backend="triton")
