@@ -135,14 +135,14 @@ register("friendlysam", lambda p, s: _fastsam().FriendlySAM(p, torch.optim.SGD, 
 register("bsam", lambda p, s: _fastsam().BSAM(p, max(1, s.num_data), lr=0.5, rho=0.05, weight_decay=s.weight_decay,
                                               damping=0.1, seed=s.seed, backend=s.backend), "loss_closure",
          summary="bSAM (authors' algorithm) lr=0.5 rho=0.05 damping=0.1")
-# layer-wise perturbation (AWP / WT-AWP, HERO) and δ-SAM
+# layer-wise perturbation (AWP / WT-AWP), HERO and δ-SAM
 register("awp", lambda p, s: _fastsam().AWP(p, torch.optim.SGD, rho=5e-3, backend=s.backend, **s.sgd),
          summary="AWP rho=5e-3 (relative to each layer's norm; the authors' gamma)")
 register("wtawp", lambda p, s: (lambda ps: _fastsam().AWP(ps, torch.optim.SGD, rho=5e-3, lmbda=0.5, truncate=ps[-2:],
                                                            backend=s.backend, **s.sgd))(list(p)),
          summary="WT-AWP rho=5e-3 lmbda=0.5, output layer truncated")
-register("hero", lambda p, s: _fastsam().HERO(p, torch.optim.SGD, rho=0.01, gamma=1.0, backend=s.backend, **s.sgd),
-         summary="HERO rho=0.01 gamma=1 (layer-wise perturbation)")
+register("hero", lambda p, s: _fastsam().HERO(p, torch.optim.SGD, rho=0.5, lmbda=5.0, backend=s.backend, **s.sgd),
+         "closure", summary="HERO rho=0.5 lmbda=5, adaptive (the authors' CIFAR-10 command)")
 register("deltasam", lambda p, s: _fastsam().DeltaSAM(p, torch.optim.SGD, rho=0.05, temperature=1.0, model=s.model,
                                                       backend=s.backend, **s.sgd), "closure",
          summary="δ-SAM rho=0.05 temperature=1")

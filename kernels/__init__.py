@@ -17,6 +17,6 @@ except ModuleNotFoundError as exc:
 # Importing the op modules registers their torch.library ops (``torch.ops.fastsam.*_triton*``).
 from . import (ema_direction, grad_mix, grad_norm, perturb, restore, restore_adamw_step,  # noqa: E402,F401
                restore_sgd_step, sds_select, sds_weights)
-from . import per_tensor_norm, perturb_per_tensor  # noqa: E402,F401  (layer-wise perturbation: AWP, HERO)
+from . import per_tensor_norm, perturb_per_tensor  # noqa: E402,F401  (layer-wise perturbation: AWP, WT-AWP)
 from . import momentum_sam, sampa_extrapolate  # noqa: E402,F401  (Momentum-SAM, SAMPa)
 from . import bsam_ascent, bsam_noise, bsam_step  # noqa: E402,F401  (Bayesian SAM)

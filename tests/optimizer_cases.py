@@ -130,8 +130,9 @@ CASES: list[OptimizerCase] = [
     OptimizerCase("WT-AWP", fastsam.AWP,
                   lambda ps, base, **kw: fastsam.AWP(ps, base, rho=0.05, lmbda=0.5, perturb_1d=True, **kw),
                   fused_ops=("grad_mix",)),
-    OptimizerCase("HERO", fastsam.HERO, lambda ps, base, **kw: fastsam.HERO(ps, base, rho=0.01, gamma=0.5, **kw),
-                  fused_ops=("grad_mix",)),
+    # HERO: the Hessian term is a double backward inside step(closure); its second_step is SAM's
+    OptimizerCase("HERO", fastsam.HERO, lambda ps, base, **kw: fastsam.HERO(ps, base, rho=0.05, lmbda=1.0, **kw),
+                  drive="per_sample"),
     OptimizerCase("WSAM", fastsam.WSAM, lambda ps, base, **kw: fastsam.WSAM(ps, base, rho=0.05, gamma=0.9, **kw)),
     OptimizerCase("FriendlySAM", fastsam.FriendlySAM,
                   lambda ps, base, **kw: fastsam.FriendlySAM(ps, base, rho=0.05, sigma=1.0, lmbda=0.9, **kw)),

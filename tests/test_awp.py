@@ -1,4 +1,4 @@
-"""AWP / WT-AWP and HERO: the layer-wise relative perturbation and the two-gradient updates.
+"""AWP / WT-AWP: the layer-wise relative perturbation and the two-gradient update (HERO: tests/test_hero.py).
 
 * an fp64 reference written from the papers, one tensor at a time, over 30 steps with a
   ``state_dict`` round trip in the middle (SGD with momentum and weight decay, and AdamW);
@@ -68,10 +68,7 @@ class Reference:
             for p, b in zip(params, backup):
                 p.copy_(b)
             for p, gl, gpl in zip(params, g, gp):
-                if self.kind == "awp":      # WT-AWP: lmbda g(w) + (1 - lmbda) g(w + e)
-                    u = self.mix * gl + (1 - self.mix) * gpl
-                else:                       # HERO: (1 + gamma) g(w + e) - gamma g(w)
-                    u = (1 + self.mix) * gpl - self.mix * gl
+                u = self.mix * gl + (1 - self.mix) * gpl   # WT-AWP: lmbda g(w) + (1 - lmbda) g(w + e)
                 self._base_step(p, u)
         self.t += 1
 
@@ -92,7 +89,6 @@ class Reference:
 
 CLASSES = {
     "awp": lambda params, base, bkw, rho, mix, **kw: fastsam.AWP(params, base, rho=rho, lmbda=mix, **kw, **bkw),
-    "hero": lambda params, base, bkw, rho, mix, **kw: fastsam.HERO(params, base, rho=rho, gamma=mix, **kw, **bkw),
 }
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
          "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=1e-3))}
@@ -136,8 +132,8 @@ def run_reference(kind, rho, mix, base, truncate_last=False, perturb_1d=False):
 
 
 CASES = [("awp", 0.05, 0.0, "sgd", False, False), ("awp", 0.05, 0.3, "sgd", True, False),
-         ("awp", 0.02, 0.5, "adamw", True, True), ("hero", 0.05, 0.5, "sgd", False, False),
-         ("hero", 0.03, 1.0, "adamw", True, True)]
+         ("awp", 0.02, 0.5, "adamw", True, True), ("awp", 0.05, 0.75, "sgd", False, False),
+         ("awp", 0.03, 0.25, "adamw", True, True)]
 
 
 @pytest.mark.parametrize("kind,rho,mix,base,truncate_last,perturb_1d", CASES)
@@ -158,7 +154,7 @@ def _cpu_backends(op):
 
 
 @pytest.mark.parametrize("backend", _cpu_backends("perturb_per_tensor"))
-@pytest.mark.parametrize("kind,mix", [("awp", 0.3), ("hero", 0.5)])
+@pytest.mark.parametrize("kind,mix", [("awp", 0.3), ("awp", 0.0)])
 def test_every_backend_fp32_follows_the_fp64_reference(backend, kind, mix):
     got = run_fastsam(kind, 0.05, mix, "sgd", dtype=torch.float32, backend=backend, truncate_last=True)
     ref = run_reference(kind, 0.05, mix, "sgd", truncate_last=True)
@@ -187,7 +183,7 @@ def test_the_perturbation_has_radius_rho_times_the_layer_norm():
     torch.testing.assert_close(opt.grad_norm, torch.stack([g.norm() for g in grads]).norm(), rtol=1e-12, atol=0)
 
 
-def test_lmbda_one_is_plain_descent_and_hero_gamma_zero_is_awp():
+def test_lmbda_one_is_plain_descent_and_lmbda_zero_keeps_no_buffer():
     x, y = data()[0]
     nets = [make_net() for _ in range(3)]
     opts = [fastsam.AWP(nets[0].parameters(), torch.optim.SGD, rho=0.1, lmbda=1.0, lr=0.1),
@@ -200,37 +196,33 @@ def test_lmbda_one_is_plain_descent_and_hero_gamma_zero_is_awp():
     opts[1].step()
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    hero = fastsam.HERO(nets[2].parameters(), torch.optim.SGD, rho=0.05, gamma=0.0, lr=0.1)
-    awp_net = make_net()
-    awp = fastsam.AWP(awp_net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
-    for net, opt in ((nets[2], hero), (awp_net, awp)):
-        loss_of(net, x, y).backward()
-        opt.first_step(zero_grad=True)
-        loss_of(net, x, y).backward()
-        opt.second_step(zero_grad=True)
-        assert opt._step_state.variant["first_grads"] == {}  # no buffer without a mix
-    assert all(torch.equal(a, b) for a, b in zip(nets[2].parameters(), awp_net.parameters()))
+    awp = fastsam.AWP(nets[2].parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    loss_of(nets[2], x, y).backward()
+    awp.first_step(zero_grad=True)
+    loss_of(nets[2], x, y).backward()
+    awp.second_step(zero_grad=True)
+    assert awp._step_state.variant["first_grads"] == {}  # no buffer without a mix
+    assert not all(torch.equal(a, b) for a, b in zip(nets[2].parameters(), make_net().parameters()))
 
 
 def test_closure_form_and_deepcopy():
     net = make_net()
-    opt = fastsam.HERO(net.parameters(), torch.optim.SGD, rho=0.05, gamma=0.5, lr=0.1, truncate=net[4].weight)
+    opt = fastsam.AWP(net.parameters(), torch.optim.SGD, rho=0.05, lmbda=0.5, lr=0.1, truncate=net[4].weight)
     x, y = data()[0]
     loss_of(net, x, y).backward()
     loss = opt.step(lambda: loss_of(net, x, y).backward() or loss_of(net, x, y))
     assert torch.isfinite(loss)
     clone = copy.deepcopy(opt)
-    assert clone.gamma == 0.5 and len(clone._truncated) == 1 and clone._truncated != opt._truncated
-    assert "HERO(" in repr(opt) and "gamma=0.5" in repr(opt)
+    assert clone.lmbda == 0.5 and len(clone._truncated) == 1 and clone._truncated != opt._truncated
+    assert "AWP(" in repr(opt) and "lmbda=0.5" in repr(opt)
 
 
 @pytest.mark.parametrize("make,match", [
     (lambda ps: fastsam.AWP(ps, torch.optim.SGD, rho=-1.0, lr=0.1), "rho"),
     (lambda ps: fastsam.AWP(ps, torch.optim.SGD, lmbda=1.5, lr=0.1), "lmbda"),
     (lambda ps: fastsam.AWP(ps, torch.optim.SGD, lmbda=float("nan"), lr=0.1), "lmbda"),
-    (lambda ps: fastsam.HERO(ps, torch.optim.SGD, gamma=-0.1, lr=0.1), "gamma"),
     (lambda ps: fastsam.AWP(ps, torch.optim.SGD, adaptive=True, lr=0.1), "adaptive"),
-    (lambda ps: fastsam.HERO(ps, torch.optim.SGD, truncate=[nn.Parameter(torch.ones(2))], lr=0.1), "truncate"),
+    (lambda ps: fastsam.AWP(ps, torch.optim.SGD, truncate=[nn.Parameter(torch.ones(2))], lr=0.1), "truncate"),
     (lambda ps: fastsam.AWP(ps, torch.optim.SGD, truncate=[3], lr=0.1), "truncate"),
 ])
 def test_bad_arguments(make, match):
@@ -238,7 +230,7 @@ def test_bad_arguments(make, match):
         make(list(make_net().parameters()))
 
 
-@pytest.mark.parametrize("cls", [fastsam.AWP, fastsam.HERO])
+@pytest.mark.parametrize("cls", [fastsam.AWP])
 def test_bad_input_mid_run_is_rejected_before_anything_changes(cls):
     net = make_net()
     opt = cls(net.parameters(), torch.optim.SGD, lr=0.1)
@@ -247,18 +239,14 @@ def test_bad_input_mid_run_is_rejected_before_anything_changes(cls):
         opt.second_step()
     loss_of(net, x, y).backward()
     before = [p.detach().clone() for p in net.parameters()]
-    if cls is fastsam.AWP:
-        opt.lmbda = 2.0
-        match = "lmbda"
-    else:
-        opt.gamma = -1.0
-        match = "gamma"
+    opt.lmbda = 2.0
+    match = "lmbda"
     with pytest.raises(ValueError, match=match):
         opt.first_step()
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before)) and opt._perturbed is None
 
 
-@pytest.mark.parametrize("cls,kw", [(fastsam.AWP, dict(lmbda=0.4)), (fastsam.HERO, dict(gamma=0.5))])
+@pytest.mark.parametrize("cls,kw", [(fastsam.AWP, dict(lmbda=0.4)), (fastsam.AWP, dict(lmbda=0.0, perturb_1d=True))])
 def test_faults_restore_the_weights(cls, kw):
     net = make_net()
     opt = cls(net.parameters(), torch.optim.SGD, lr=0.1, rho=0.1, **kw)
@@ -283,7 +271,7 @@ def test_faults_restore_the_weights(cls, kw):
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
 
 
-@pytest.mark.parametrize("cls", [fastsam.AWP, fastsam.HERO])
+@pytest.mark.parametrize("cls", [fastsam.AWP])
 def test_non_finite_gradient_leaves_the_weights_untouched(cls):
     net = make_net()
     opt = cls(net.parameters(), torch.optim.SGD, lr=0.1)
@@ -299,7 +287,7 @@ def test_non_finite_gradient_leaves_the_weights_untouched(cls):
 
 def test_no_host_sync_in_a_step():
     watch = host_sync_watch()
-    for cls, kw in ((fastsam.AWP, dict(lmbda=0.3)), (fastsam.AWP, {}), (fastsam.HERO, dict(gamma=0.5))):
+    for cls, kw in ((fastsam.AWP, dict(lmbda=0.3)), (fastsam.AWP, {}), (fastsam.AWP, dict(lmbda=0.7, perturb_1d=True))):
         for base_cls, bkw in BASES.values():
             net = make_net(torch.float32)
             opt = cls(net.parameters(), base_cls, truncate=net[4], **kw, **bkw)
@@ -338,7 +326,7 @@ def test_dispatched_ops_do_not_grow_with_the_number_of_tensors():
             opt.second_step()
         return first.ops, second.ops
 
-    for cls, kw in ((fastsam.AWP, {}), (fastsam.AWP, dict(lmbda=0.5)), (fastsam.HERO, dict(gamma=1.0))):
+    for cls, kw in ((fastsam.AWP, {}), (fastsam.AWP, dict(lmbda=0.5)), (fastsam.AWP, dict(lmbda=0.9, perturb_1d=True))):
         small, large = count(8, cls, kw), count(200, cls, kw)
         assert small == large, cls
         assert sum(small[0].values()) < 40 and sum(small[1].values()) < 25
@@ -357,7 +345,7 @@ def test_gpu_steps_without_host_sync_and_like_the_torch_backend(backend):
         net = make_net(torch.float32).cuda()
         opts = [fastsam.AWP(net.parameters(), torch.optim.SGD, lmbda=0.3, truncate=net[4], lr=0.1, momentum=0.9,
                             backend=b),
-                fastsam.HERO(net.parameters(), torch.optim.AdamW, gamma=0.5, lr=1e-3, backend=b)]
+                fastsam.AWP(net.parameters(), torch.optim.AdamW, lmbda=0.5, perturb_1d=True, lr=1e-3, backend=b)]
         for i, (x, y) in enumerate(data(torch.float32, n=6)):
             x, y = x.cuda(), y.cuda()
             opt = opts[i % 2]
@@ -376,8 +364,8 @@ def test_gpu_steps_without_host_sync_and_like_the_torch_backend(backend):
 
 @pytest.mark.parametrize("clip", [None, 1.0])
 @pytest.mark.parametrize("cls,base,kw", [(fastsam.AWP, torch.optim.SGD, dict(lr=0.1, momentum=0.9, lmbda=0.4)),
-                                         (fastsam.HERO, torch.optim.AdamW, dict(lr=1e-2, gamma=0.5))],
-                         ids=["awp", "hero"])
+                                         (fastsam.AWP, torch.optim.AdamW, dict(lr=1e-2, lmbda=0.6, perturb_1d=True))],
+                         ids=["awp-sgd", "awp-adamw"])
 def test_grad_scaler_matches_the_unscaled_run(cls, base, kw, clip):
     """The mix of g(w) and g(w + e) under a GradScaler: both carry the same scale (or the step refuses)."""
     from test_amp import run

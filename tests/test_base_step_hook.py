@@ -13,7 +13,7 @@ import fastsam
 FAMILY = sorted((obj for obj in vars(fastsam).values() if isinstance(obj, type) and issubclass(obj, fastsam.SAM)),
                 key=lambda c: c.__name__)
 REQUIRED = {"AESAM": dict(total_steps=10)}  # options without a default
-DRIVERS = tuple(getattr(fastsam, n) for n in ("ESAM", "MSAM", "DeltaSAM", "KSAM") if hasattr(fastsam, n))
+DRIVERS = tuple(getattr(fastsam, n) for n in ("ESAM", "MSAM", "DeltaSAM", "KSAM", "HERO") if hasattr(fastsam, n))
 
 
 def setup(cls):

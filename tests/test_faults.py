@@ -708,6 +708,8 @@ BAD_CLOSURES = {
 @pytest.mark.parametrize("case", [c for c in CASES if c.drive == "per_sample"], ids=lambda c: c.name)
 def test_rejected_closure_leaves_grad_untouched(case, bad):
     """Before the fix: ESAM and MSAM cleared .grad before checking the closure's output."""
+    if bad == "scalar" and case.cls is fastsam.HERO:
+        pytest.skip("HERO takes the loss as a scalar too (it needs no per-sample losses)")
     model = make_model()
     opt = build(case, model)
     x, y = make_batches(1)[0]

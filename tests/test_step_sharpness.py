@@ -32,7 +32,7 @@ TWO_CALL = [
     (fastsam.MSAM, dict(rho=0.2, micro_batches=1)),
 ]
 # Classes added later that keep the two-call form (present on main when this test was written).
-for _name, _kw in (("AWP", dict(rho=0.05)), ("HERO", dict(rho=0.05)), ("AESAM", dict(rho=0.2, total_steps=4)),
+for _name, _kw in (("AWP", dict(rho=0.05)), ("HERO", dict(rho=0.05, adaptive=False)), ("AESAM", dict(rho=0.2, total_steps=4)),
                    ("RandomSwitchSAM", dict(rho=0.2, probability=1.0, seed=1)), ("DeltaSAM", dict(rho=0.2)),
                    ("KSAM", dict(rho=0.2, gamma=1.0)), ("FriendlySAM", dict(rho=0.2)), ("WSAM", dict(rho=0.2))):
     if hasattr(fastsam, _name):

@@ -24,7 +24,7 @@ once per accumulation window):
   (restore + base step; under fp16 through ``GradScaler.step``, unscale and skip on the device).
   Steps that need no second pass (``needs_second_pass`` False: LookSAM between its SAM steps,
   interval SAM) run one pass, as the plain Trainer does.
-* **Pass-driving optimizers** (ESAM, MSAM, DeltaSAM, KSAM: ``closure(indices=None) -> per-sample losses``):
+* **Pass-driving optimizers** (ESAM, MSAM, DeltaSAM, KSAM, HERO: ``closure(indices=None) -> per-sample losses``):
   the window's micro-batches are buffered and, on the last one, ``optimizer.step(closure)`` runs
   the whole step over the window as one batch. The closure gets per-sample losses from the model's
   logits (:meth:`SAMTrainerMixin.per_sample_losses`; override it for other heads); ``indices``
@@ -53,7 +53,7 @@ __all__ = ["SAMTrainer", "SAMTrainerMixin", "per_sample_losses_from_logits", "dr
 
 def drives_its_passes(optimizer) -> bool:
     """Whether a fastsam optimizer runs every pass itself from ``closure(indices=None) -> per-sample losses``."""
-    drivers = tuple(getattr(fastsam, name) for name in ("ESAM", "MSAM", "DeltaSAM", "KSAM") if hasattr(fastsam, name))
+    drivers = tuple(getattr(fastsam, name) for name in ("ESAM", "MSAM", "DeltaSAM", "KSAM", "HERO") if hasattr(fastsam, name))
     return isinstance(optimizer, drivers)
 
 

@@ -19,7 +19,7 @@ Ops (each in its own file, same name as its kernel in ``kernels/`` and ``csrc/``
 ``bsam_ascent_``           bSAM's ascent ``w = backup + rho g / s`` and ``h = sqrt(s) |g|``
 ``bsam_step_``             bSAM's restore + momentum, weight and precision update
 ``ema_direction_``         FriendlySAM's ``d = g - sigma m`` with the EMA ``m <- lmbda m + (1-lmbda) g``
-``per_tensor_norm``        ``[||x_0||, ..., ||x_{T-1}||]``: every tensor's own L2 norm (AWP, HERO)
+``per_tensor_norm``        ``[||x_0||, ..., ||x_{T-1}||]``: every tensor's own L2 norm (AWP, WT-AWP)
 ``perturb_per_tensor_``    ``backup = w; w += s_t * g`` with one device scale per tensor (layer-wise)
 ``momentum_sam_sgd_``      Momentum-SAM: back from the ascent point, SGD step, ``||v||^2`` (fused)
 ``momentum_sam_adamw_``    the same with the AdamW step
@@ -71,7 +71,7 @@ __all__ = [
     "grad_norm", "grad_sq_norm", "perturb_", "restore_", "restore_sgd_step_", "restore_adamw_step_",
     "sds_k", "sds_select", "sds_weights",
     "grad_dot", "gsam_combine_", "grad_mix_", "ema_direction_", "looksam_orthogonal_", "looksam_combine_",
-    # layer-wise perturbation (AWP, WT-AWP, HERO)
+    # layer-wise perturbation (AWP, WT-AWP)
     "per_tensor_norm", "per_tensor_sq_norms", "perturb_per_tensor_",
     "momentum_sam_sgd_", "momentum_sam_adamw_", "momentum_sam_shift_", "sampa_extrapolate_",
     "bsam_noise_", "bsam_ascent_", "bsam_step_",

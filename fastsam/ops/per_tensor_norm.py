@@ -3,8 +3,7 @@
 For tensors ``x_0 .. x_{T-1}`` the op returns the fp32 vector ``[||x_0||, ..., ||x_{T-1}||]`` (or
 the squared norms), on the device of ``x_0``. Layer-wise perturbations need it twice per step: AWP
 (Wu et al., "Adversarial Weight Perturbation Helps Robust Generalization", NeurIPS 2020) and
-WT-AWP (Wu et al., AAAI 2023) perturb layer ``l`` by ``rho ||w_l|| g_l / ||g_l||``, HERO (Yang et
-al., 2022) likewise; both norms come from this op and the scale vector from a handful of ops on a
+WT-AWP (Wu et al., AAAI 2023) perturb layer ``l`` by ``rho ||w_l|| g_l / ||g_l||``; both norms come from this op and the scale vector from a handful of ops on a
 length-``T`` vector (see :func:`fastsam.ops.perturb_per_tensor_`).
 
 Accumulation is fp32 whatever the storage dtype, in a fixed order, so the result is deterministic;

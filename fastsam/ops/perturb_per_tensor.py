@@ -4,8 +4,8 @@ For tensor ``t`` of the list, with ``s_t = scales[t]`` read on the device:
 
     backup_t = w_t;   w_t = w_t + s_t * g_t
 
-This is the layer-wise perturbation of AWP (Wu et al., NeurIPS 2020; WT-AWP, Wu et al., AAAI 2023)
-and HERO (Yang et al., 2022): with ``s_t = rho ||w_t|| / (||g_t|| + eps)`` (both norms from
+This is the layer-wise perturbation of AWP (Wu et al., NeurIPS 2020; WT-AWP, Wu et al., AAAI 2023):
+with ``s_t = rho ||w_t|| / (||g_t|| + eps)`` (both norms from
 :func:`fastsam.ops.per_tensor_norm`) every layer moves by ``rho`` times its own weight norm, and a
 layer that must never be perturbed (WT-AWP's truncation) simply gets ``s_t = 0``.
 

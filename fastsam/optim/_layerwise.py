@@ -1,4 +1,4 @@
-"""The layer-wise perturbation shared by AWP / WT-AWP and HERO, and their mix of the two gradients.
+"""The layer-wise perturbation of AWP / WT-AWP, and their mix of the two gradients.
 
 Per parameter tensor ``l`` (a "layer"), with ``g_l`` its first-pass gradient:
 

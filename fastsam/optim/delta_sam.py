@@ -18,7 +18,10 @@ from. With per-sample losses ``l_i``:
 sharpest sample's perturbation. [note: δ-SAM's weights] The paper's full text and code were not
 available while this was written (only its abstract); the weighting above (a softmax of each
 sample's loss increase under the batch perturbation, over a temperature) follows the project's
-reading of it, and the tests check this formula in fp64, not the authors' implementation. Cost per step: four forwards (one without gradients) and three
+reading of it, and the tests check this formula in fp64, not the authors' implementation. (A
+third-party summary of the paper describes the weights as estimated from random Gaussian weight
+perturbations, with three extra forward passes and no extra backward; that estimator is not
+implemented here, as its exact weighting could not be read.) Cost per step: four forwards (one without gradients) and three
 backwards; the reweighted backward needs a fresh forward at ``w``, because the perturbation and
 restore write the weights in place, which invalidates the first forward's saved tensors. Ops:
 ``grad_norm``, ``perturb_``, ``restore_``, ``sds_weights`` and the fused restore + base step.
