@@ -296,3 +296,20 @@ def test_a_model_without_second_derivative_gets_a_clear_error_and_the_weights_ba
     with pytest.raises(RuntimeError, match="second derivative.*weights were restored"):
         opt.step(closure)
     assert all(torch.equal(p, b) for p, b in zip(proj.parameters(), before))
+
+
+def test_loss_scale_keeps_the_update_linear_in_the_scale():
+    """With the closure's loss multiplied by S and loss_scale=S, the update is exactly S times the unscaled one
+    (the penalty is quadratic in the gradients: without loss_scale its part would carry S^2)."""
+    x, y = data(n=1)[0]
+    grads = {}
+    for scale in (None, 1024.0, "no-correction"):
+        net = make_net()
+        opt = fastsam.HERO(net.parameters(), torch.optim.SGD, lr=0.0)
+        s = 1.0 if scale is None else 1024.0
+        opt.step(lambda indices=None: s * F.cross_entropy(net(x), y),
+                 loss_scale=None if scale in (None, "no-correction") else torch.tensor(s, dtype=torch.float64))
+        grads[scale] = [p.grad.clone() for p in net.parameters()]
+    for a, b in zip(grads[1024.0], grads[None]):
+        torch.testing.assert_close(a / 1024.0, b, rtol=1e-9, atol=1e-12)  # (perturb_eps is not scaled)
+    assert not all(torch.allclose(a / 1024.0, b) for a, b in zip(grads["no-correction"], grads[None]))

@@ -171,6 +171,33 @@ def test_pass_driver_gets_per_sample_losses_from_logits(tmp_path, name, sam_kwar
     assert_same_parameters(model, ref, atol=2e-6)
 
 
+@pytest.mark.parametrize("name,sam_kwargs", [("ESAM", dict(rho=0.05, beta=0.6, gamma=0.5, seed=7)),
+                                              ("MSAM", dict(rho=0.05, micro_batches=2)), ("KSAM", dict(rho=0.05)),
+                                              ("DeltaSAM", dict(rho=0.05)), ("HERO", dict(rho=0.05, lmbda=1.0))])
+def test_fp16_loss_scaling_of_pass_driving_optimizers_matches_the_unscaled_run(tmp_path, name, sam_kwargs):
+    """The pass-driving path under the Trainer's GradScaler (what fp16=True gives on a GPU; a CPU GradScaler
+    stands in for it, as accelerate turns fp16 on only on GPUs): the scaled losses are unscaled where each
+    variant needs it (clipping, DeltaSAM's weights, HERO's penalty), so with a power-of-two scale the run
+    equals the unscaled one. These optimizers create the scale on the first step themselves (the plain
+    Trainer does it in its backward, which they never call). The two-call path's fp16 handling is
+    accelerate's own (unscale before clipping in its fp16 mode) and needs a GPU to run."""
+    data = dataset()
+    start = tiny_bert(attn_implementation="eager" if name == "HERO" else None)
+    runs = []
+    for scaled in (False, True):
+        model = copy.deepcopy(start)
+        trainer = trainer_for(model, data, tmp_path / str(scaled), sam_class=getattr(fastsam, name),
+                              sam_kwargs=sam_kwargs)
+        if scaled:
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+        trainer.train()
+        runs.append(model)
+        if scaled:
+            assert trainer.accelerator.scaler.get_scale() > 2.0 ** 12  # it grew: steps were not skipped
+    assert moved(runs[0], start) > 1e-3
+    assert_same_parameters(runs[1], runs[0], atol=2e-6)
+
+
 def test_bf16_autocast_trains(tmp_path):
     data = dataset()
     start = tiny_bert()

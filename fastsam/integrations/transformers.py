@@ -32,7 +32,9 @@ once per accumulation window):
   selected indices on the host once per step; without it, none). The second-pass gradient is
   clipped and the GradScaler's ``grad_scale``/``found_inf`` are set by a hook right before the
   base step (:meth:`fastsam.SAM.register_base_step_pre_hook`); the Trainer's own
-  ``optimizer.step()`` then finds the step done. These optimizers call ``backward`` themselves, so
+  ``optimizer.step()`` then finds the step done. Under fp16 the closure's losses carry the
+  GradScaler's scale (created here on the first step, which the plain Trainer does in its backward);
+  ΔSAM's sample weights and HERO's penalty get ``loss_scale=`` to undo it where it is not linear. These optimizers call ``backward`` themselves, so
   DeepSpeed (which owns backward) is not supported for them.
 
 Logged losses are the first-pass losses, as the plain Trainer logs.
@@ -255,7 +257,10 @@ class SAMTrainerMixin:
         window, self._sam_window = [self._prepare_inputs(x) for x in self._sam_window], []
         model.train()
         scaler = self.accelerator.scaler
-        scale = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else None
+        # The loss scale as a device tensor (no sync). GradScaler creates it lazily at its first scale()
+        # call, which the plain Trainer makes in backward and this path never does: make that call here.
+        scale = scaler.scale(torch.ones((), device=self.args.device)) if scaler is not None and scaler.is_enabled() \
+            else None
         sizes = [_batch_size(mb) for mb in window]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
 
@@ -286,6 +291,8 @@ class SAMTrainerMixin:
         try:
             if isinstance(opt, fastsam.MSAM):  # MSAM splits the batch into shards before its first closure call
                 loss = opt.step(closure, batch_size=sum(sizes))
+            elif isinstance(opt, (fastsam.DeltaSAM, fastsam.HERO)):  # their weighting / penalty unscale it
+                loss = opt.step(closure, loss_scale=scale)
             else:
                 loss = opt.step(closure)
         finally:

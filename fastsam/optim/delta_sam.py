@@ -85,8 +85,12 @@ class DeltaSAM(SAM):
     def _perturbed_pass_context(self):
         return second_pass(self.model) if self.model is not None else contextlib.nullcontext()
 
-    def step(self, closure=None):
+    def step(self, closure=None, *, loss_scale=None):
         """One δ-SAM step driven by ``closure(indices=None) -> per-sample losses``; returns the mean first-pass loss.
+
+        ``loss_scale``: the factor the closure's losses carry (a ``GradScaler``'s scale, a 0-dim device
+        tensor or a float), so that the sample weights come from the unscaled loss increases (a scale
+        would otherwise divide the temperature). The Hugging Face integration passes it under fp16.
 
         ``.grad`` is cleared once the first closure call's output is accepted; at the end it holds the
         mean gradient at ``w + e``. ``step()`` without a closure right after ``first_step`` (what
@@ -124,7 +128,9 @@ class DeltaSAM(SAM):
         finally:
             self.restore()
             self._step_state.grad_norm = self._step_state.perturbation_skipped = None
-        weights = ops.sds_weights(loss_before, loss_after, temperature, backend=self.backend)
+        before, after = (loss_before, loss_after) if loss_scale is None else \
+            (loss_before / loss_scale, loss_after / loss_scale)
+        weights = ops.sds_weights(before, after, temperature, backend=self.backend)
         self.last_weights = weights
 
         # 3. The reweighted batch gradient at w (a fresh forward: BatchNorm statistics left alone),

@@ -34,7 +34,10 @@ The closure contract is the one of the optimizers that run their own passes (ESA
 ``closure(indices=None)`` returns the loss (a 0-dim tensor) or per-sample losses (1-D; their mean is
 used), with its graph, and does *not* call ``backward``; HERO calls it twice. ``first_step`` and
 ``second_step`` are inherited from SAM and give SAM's update alone (the Hessian term needs the
-gradient's graph, which only the closure form has).
+gradient's graph, which only the closure form has). Under fp16 loss scaling the closure's loss
+carries the scale ``S``; ``step(closure, loss_scale=S)`` then weights the penalty by ``lmbda / S``
+(the penalty is quadratic in the gradients, so ``S`` would otherwise reach it squared), and the
+update carries ``S`` once, as a ``GradScaler`` expects. The Hugging Face integration passes it.
 """
 
 from __future__ import annotations
@@ -114,8 +117,11 @@ class HERO(SAM):
             out[key] = cached
         return out
 
-    def step(self, closure=None):
+    def step(self, closure=None, *, loss_scale=None):
         """One HERO step driven by ``closure(indices=None) -> loss``; returns the first-pass loss (detached).
+
+        ``loss_scale``: the factor the closure's loss carries (a ``GradScaler``'s scale: a 0-dim device
+        tensor or a float; see the module docstring), ``None`` for an unscaled loss.
 
         ``.grad`` is cleared once the closure's first output is accepted; at the end it holds the update
         ``g_p + grad R`` that the base step used. If anything raises after the perturbation, the weights
@@ -146,7 +152,7 @@ class HERO(SAM):
                 perturbed = _mean_loss(closure(), "HERO")
                 if regularized:
                     try:
-                        self._hessian_update(perturbed, params, saved)
+                        self._hessian_update(perturbed, params, saved, loss_scale)
                     except RuntimeError as exc:
                         if "derivative for" in str(exc) and "not implemented" in str(exc):
                             raise RuntimeError(
@@ -163,7 +169,7 @@ class HERO(SAM):
         self.second_step(loss=perturbed.detach())
         return first.detach()
 
-    def _hessian_update(self, perturbed: torch.Tensor, params: list, saved: dict) -> None:
+    def _hessian_update(self, perturbed: torch.Tensor, params: list, saved: dict, loss_scale=None) -> None:
         """``.grad = g_p + grad_w R`` at ``w + e`` (see the module docstring)."""
         gps = torch.autograd.grad(perturbed, params, create_graph=True, allow_unused=True)
         gp_of = dict(zip(params, gps))
@@ -181,7 +187,8 @@ class HERO(SAM):
             for p, gp in gp_of.items():
                 p.grad = None if gp is None else gp.detach()
             return
-        (self.lmbda * penalty).backward(inputs=params)   # the Hessian-vector product, into .grad
+        weight = self.lmbda if loss_scale is None else self.lmbda / loss_scale
+        (weight * penalty).backward(inputs=params)   # the Hessian-vector product, into .grad
         with torch.no_grad():
             both = [(p, gp.detach()) for p, gp in gp_of.items() if gp is not None]
             unreached = [(p, gp) for p, gp in both if p.grad is None]
