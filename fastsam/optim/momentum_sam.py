@@ -34,7 +34,9 @@ raises; ``move_back()`` / ``move_up()`` are the same two halves (the authors'
 ``move_back_from_momentumAscent`` / ``move_up_to_momentumAscent``). To resume training, save the
 model as it is (at ``w~``) with ``opt.state_dict()``, which holds the momentum and the scales
 ``s_old`` (``state_dict()["fastsam"]``); to ship weights for inference, save them inside
-``unperturbed()``.
+``unperturbed()``. BatchNorm running statistics are gathered at ``w~`` during training; the authors'
+script recomputes them at ``w`` with one forward-only pass over the training data at the end
+(``with opt.unperturbed(): torch.optim.swa_utils.update_bn(loader, model)``).
 """
 
 from __future__ import annotations
