@@ -109,3 +109,34 @@ def op_counter(skip_views: bool = False):
             return func(*args, **(kwargs or {}))
 
     return OpCounter()
+
+
+def two_call_step_ops(make_opt, n_tensors: int, *, skip_views: bool = False, before_first=None):
+    """``(ops of first_step, ops of second_step)`` for ``make_opt(params)`` over ``n_tensors`` 5x3 tensors.
+
+    Random gradients are written before each call, after two warm-up steps (state and backups
+    allocated); ``before_first(opt)`` runs inside the first count (AE-SAM's per-step decision).
+    Counted with :func:`op_counter` (``skip_views`` as there).
+    """
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(n_tensors)]
+    opt = make_opt(params)
+
+    def fill():
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+
+    for _ in range(2):
+        fill()
+        opt.first_step()
+        fill()
+        opt.second_step()
+    fill()
+    with op_counter(skip_views=skip_views) as first:
+        if before_first is not None:
+            before_first(opt)
+        opt.first_step()
+    fill()
+    with op_counter(skip_views=skip_views) as second:
+        opt.second_step()
+    return first.ops, second.ops

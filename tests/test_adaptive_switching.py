@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastsam
-from helpers import host_sync_watch, op_counter
+from helpers import host_sync_watch, two_call_step_ops
 from test_sam import ADAMW_KW, SGD_KW, assert_models_equal, batches, make_model, param_groups
 from variant_reference import ReferenceVariant
 
@@ -165,6 +165,11 @@ def test_aesam_loop_forms_agree_bit_for_bit():
     def opt_fn(groups):
         return fastsam.AESAM(groups, torch.optim.SGD, total_steps=16, **SGD_KW)
 
+    assert_loop_forms_agree(opt_fn, data)
+
+
+def assert_loop_forms_agree(opt_fn, data):
+    """The skip / both-passes / closure loops (see ``run64``) make the same choices and the same weights."""
     skip, _, p1 = run64(opt_fn, data, form="skip")
     both, _, p2 = run64(opt_fn, data, form="both")
     closure, _, p3 = run64(opt_fn, data, form="closure")
@@ -278,12 +283,7 @@ def test_rst_loop_forms_agree_and_no_host_sync():
     def opt_fn(groups):
         return fastsam.RandomSwitchSAM(groups, torch.optim.SGD, seed=7, **SGD_KW)
 
-    skip, _, p1 = run64(opt_fn, data, form="skip")
-    both, _, p2 = run64(opt_fn, data, form="both")
-    closure, _, p3 = run64(opt_fn, data, form="closure")
-    assert p1 == p2 == p3
-    assert_models_equal(both, skip)
-    assert_models_equal(closure, skip)
+    assert_loop_forms_agree(opt_fn, data)
     model = make_model()
     opt = fastsam.RandomSwitchSAM(model.parameters(), torch.optim.SGD, seed=3, lr=0.1, momentum=0.9)
     x, y = batches(1)[0]
@@ -371,28 +371,12 @@ def test_closure_raising_on_a_sam_step_restores_the_weights(kind):
 
 @pytest.mark.parametrize("kind", ["aesam", "rst"])
 def test_constant_number_of_ops_whatever_the_number_of_tensors(kind):
+    def is_a_sam_step(opt):
+        assert opt.needs_second_pass
+
     def count(n):
-        gen = torch.Generator().manual_seed(0)
-        params = [nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(n)]
-        opt = _make(kind, params)
-
-        def fill():
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-
-        for _ in range(2):
-            fill()
-            opt.first_step()
-            fill()
-            opt.second_step()
-        fill()
-        with op_counter() as c:
-            assert opt.needs_second_pass
-            opt.first_step()
-        fill()
-        with op_counter() as c2:
-            opt.second_step()
-        return c.ops + c2.ops
+        first, second = two_call_step_ops(lambda params: _make(kind, params), n, before_first=is_a_sam_step)
+        return first + second
 
     small, large = count(8), count(200)
     assert small == large and sum(small.values()) < 50

@@ -2,7 +2,6 @@
 named parameters in SAM/ASAM."""
 
 import copy
-import io
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 
 import fastsam
 from helpers import backends_for
+from sam_family_reference import run
 
 
 def make_cnn(seed=0):
@@ -49,23 +49,8 @@ def reference_asam_authors(model, data, rho, eta, lr, momentum, weight_decay):
 
 
 def train(model, opt_fn, data, resume_at=None):
-    model = copy.deepcopy(model)
-    opt = opt_fn(model)
-    for i, (x, y) in enumerate(data):
-        if i == resume_at:
-            buf = io.BytesIO()
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-            buf.seek(0)
-            ckpt = torch.load(buf)
-            model = copy.deepcopy(model)
-            model.load_state_dict(ckpt["model"])
-            opt = opt_fn(model)
-            opt.load_state_dict(ckpt["opt"])
-        F.cross_entropy(model(x), y).backward()
-        opt.first_step(zero_grad=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.second_step(zero_grad=True)
-    return model
+    """Two-call SAM steps with a checkpoint round trip at ``resume_at`` (sam_family_reference.run)."""
+    return run(model, opt_fn, data, resume_at=resume_at)[0]
 
 
 def _distance(a, b):

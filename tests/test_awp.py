@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import fastsam
 from fastsam import ops
-from helpers import host_sync_watch, op_counter
+from helpers import host_sync_watch, two_call_step_ops
 
 STEPS = 30
 
@@ -305,26 +305,8 @@ def test_dispatched_ops_do_not_grow_with_the_number_of_tensors():
     """Work-doing ops per step (views, which launch nothing, left out: the torch backend packs
     buckets through one view per tensor) are the same for 8 and for 200 tensors."""
     def count(n, cls, kw):
-        gen = torch.Generator().manual_seed(0)
-        params = [nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(n)]
-        opt = cls(params, torch.optim.SGD, lr=0.1, momentum=0.9, truncate=params[-1], **kw)
-
-        def fill():
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-
-        for _ in range(2):
-            fill()
-            opt.first_step()
-            fill()
-            opt.second_step()
-        fill()
-        with op_counter(skip_views=True) as first:
-            opt.first_step()
-        fill()
-        with op_counter(skip_views=True) as second:
-            opt.second_step()
-        return first.ops, second.ops
+        return two_call_step_ops(lambda params: cls(params, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                                    truncate=params[-1], **kw), n, skip_views=True)
 
     for cls, kw in ((fastsam.AWP, {}), (fastsam.AWP, dict(lmbda=0.5)), (fastsam.AWP, dict(lmbda=0.9, perturb_1d=True))):
         small, large = count(8, cls, kw), count(200, cls, kw)

@@ -3,11 +3,11 @@
 import importlib.util
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
+from gloo_ranks import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,12 +34,6 @@ def test_gradient_accumulation_over_micro_batches():
 @pytest.mark.parametrize("optimizer", ["sam", "fisher"])
 def test_amp_with_grad_scaler(optimizer):
     assert accuracy(run(["examples/sam_amp.py", "--steps", "40", "--optimizer", optimizer])) > 0.6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.distributed

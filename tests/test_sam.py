@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastsam
-from helpers import backends_for, host_sync_watch, op_counter
+from helpers import backends_for, host_sync_watch, two_call_step_ops
 
 STEPS = 24
 RESUME_AT = 11
@@ -290,26 +290,7 @@ def test_constant_number_of_ops_whatever_the_number_of_tensors():
     """The dispatched op count of a whole SAM step does not grow with the number of tensors."""
 
     def count(n_tensors, base_cls, kw):
-        gen = torch.Generator().manual_seed(0)
-        params = [nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(n_tensors)]
-        opt = fastsam.SAM(params, base_cls, **kw)
-
-        def fill():
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-
-        for _ in range(2):  # warm up: state and backups allocated
-            fill()
-            opt.first_step()
-            fill()
-            opt.second_step()
-        fill()
-        with op_counter() as first:
-            opt.first_step()
-        fill()
-        with op_counter() as second:
-            opt.second_step()
-        return first.ops, second.ops
+        return two_call_step_ops(lambda params: fastsam.SAM(params, base_cls, **kw), n_tensors)
 
     for base_cls, kw in ((torch.optim.SGD, dict(lr=0.1, momentum=0.9)), (torch.optim.AdamW, dict(lr=1e-3))):
         small, large = count(8, base_cls, kw), count(200, base_cls, kw)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import fastsam
 from fastsam.sharpness import SharpnessLog
 from helpers import host_sync_watch
+from test_esam import per_sample_closure
 
 
 def make_model(seed=0):
@@ -190,11 +191,7 @@ def test_esam_step_sharpness_is_whole_batch_difference(gamma):
     x, y = batch(n=20)
     calls = []
 
-    def losses(indices):
-        xb, yb = (x, y) if indices is None else (x[indices], y[indices])
-        return F.cross_entropy(model(xb), yb, reduction="none")
-
-    opt.step(_recording(losses, calls))
+    opt.step(_recording(per_sample_closure(model, x, y), calls))
     before = calls[0][2]
     # gamma < 1: the no-grad pass at w + e has every sample; gamma = 1: the second (full) pass.
     after = calls[1][2]
@@ -209,11 +206,7 @@ def test_ksam_step_sharpness_is_the_selected_samples_difference():
     x, y = batch(n=20)
     calls = []
 
-    def losses(indices):
-        xb, yb = (x, y) if indices is None else (x[indices], y[indices])
-        return F.cross_entropy(model(xb), yb, reduction="none")
-
-    opt.step(_recording(losses, calls))
+    opt.step(_recording(per_sample_closure(model, x, y), calls))
     (_, _, first), (_, _, second) = calls[1], calls[2]  # the k selected samples at w, then at w + e
     assert first.numel() == second.numel() == 10
     assert torch.equal(opt.sharpness, second.mean() - first.mean())
@@ -226,11 +219,7 @@ def test_msam_step_sharpness_is_mean_over_shards(m):
     x, y = batch(n=16)
     calls = []
 
-    def losses(indices):
-        xb, yb = (x, y) if indices is None else (x[indices], y[indices])
-        return F.cross_entropy(model(xb), yb, reduction="none")
-
-    opt.step(_recording(losses, calls), batch_size=16)
+    opt.step(_recording(per_sample_closure(model, x, y), calls), batch_size=16)
     assert len(calls) == 2 * m
     diffs = torch.stack([calls[2 * k + 1][2].mean() - calls[2 * k][2].mean() for k in range(m)])
     torch.testing.assert_close(opt.sharpness, diffs.mean(), rtol=1e-6, atol=1e-7)

@@ -3,10 +3,9 @@
 
 import pytest
 import torch
-import torch.nn as nn
 
 import fastsam
-from helpers import backends_for, op_counter
+from helpers import backends_for, two_call_step_ops
 from sam_family_reference import (assert_raising_closure_restores_the_weights, host_syncs_in_two_call_steps,
                                   assert_models_close, assert_models_equal, batches, loss_of, make_mlp,
                                   reference_wsam, run, sam_step)
@@ -139,26 +138,7 @@ def test_wsam_no_host_sync_in_a_step():
 
 
 def _count_ops(opt_cls, n_tensors, **kw):
-    gen = torch.Generator().manual_seed(0)
-    params = [nn.Parameter(torch.randn(5, 3, generator=gen)) for _ in range(n_tensors)]
-    opt = opt_cls(params, torch.optim.SGD, lr=0.1, momentum=0.9, **kw)
-
-    def fill():
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-
-    for _ in range(2):
-        fill()
-        opt.first_step()
-        fill()
-        opt.second_step()
-    fill()
-    with op_counter() as first:
-        opt.first_step()
-    fill()
-    with op_counter() as second:
-        opt.second_step()
-    return first.ops, second.ops
+    return two_call_step_ops(lambda params: opt_cls(params, torch.optim.SGD, lr=0.1, momentum=0.9, **kw), n_tensors)
 
 
 @pytest.mark.parametrize("kw", [dict(decouple=True, max_norm=1.0), dict(decouple=False)])
